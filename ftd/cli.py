@@ -1,0 +1,66 @@
+"""`ftd` command line: run the flow on a config, or only validate it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ftd.errors import ConfigError, FtdError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ftd", description="Fine-tune a LoRA adapter and deploy tested engines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run the finetune_to_deploy flow"), ("validate", "check config and inputs only")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/tiny-llama.yaml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a config value (repeatable), e.g. --set adapters.0.lora.r=16")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"ftd: config error: {exc}", file=sys.stderr)
+        return 2
+    except FtdError as exc:
+        print(f"ftd: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    from ftd.config import load_config
+    from ftd.environment import configure_environment
+
+    cfg = load_config(args.config, args.overrides)
+    configure_environment(cfg.artifacts_dir)  # before Prefect/MLflow are imported
+    from ftd.preflight import preflight
+
+    plan = preflight(cfg)  # every input error surfaces here, before Prefect starts anything
+    if args.command == "validate":
+        print(f"ftd: {args.config} is valid: {len(cfg.adapters)} adapter(s), {len(cfg.targets)} target(s), "
+              f"base {cfg.base_model} ({plan.architecture})")  # fmt: skip
+        return 0
+    from ftd.tracking import check_reachable, tracking_uri
+
+    check_reachable(tracking_uri(cfg))
+    from flows.finetune_to_deploy import finetune_to_deploy
+
+    summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print()
+    print(f"ftd: experiment {summary['experiment']} done; MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    for s in summary["stages"]:
+        detail = f" ({s['detail']})" if s["detail"] else ""
+        print(f"  {s['stage']:<10} {s['label']:<24} {s['status']:<10} {s['seconds']:>8.2f}s{detail}")
+    for r in summary["registered"]:
+        print(f"  registered {r['kind']} {r['item']}: {r['name']} v{r['version']}{'' if r['new'] else ' (existing)'}")
+    print("  metrics: " + json.dumps({k: v for k, v in summary["metrics"].items()}, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Thin Prefect wrappers: caching, naming and logging around the pure stage functions.
+
+The Prefect cache key *is* the stage's artifact key, so Prefect's "Cached" state and the store
+agree. If the artifact was deleted from the store, the stale Prefect record is dropped first, so
+the task runs again instead of returning a path that no longer exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.filesystems import LocalFileSystem
+
+from ftd.store import Artifact, Store
+
+
+def stage_task(fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str):
+    """Wrap a pure stage function as a cached Prefect task.
+
+    `key_fn(parameters)` returns the artifact key, or None when the result must not be cached
+    (e.g. a build that will be skipped on this machine)."""
+
+    def cache_key(context, parameters: dict) -> str | None:
+        key = key_fn(parameters)
+        if key is None:
+            return None
+        store: Store = parameters["store"]
+        record = f"{stage}-{key}"
+        if not store.has(stage, key):
+            (results_dir(store) / record).unlink(missing_ok=True)
+        return record
+
+    return task(
+        fn,
+        name=stage,
+        cache_key_fn=cache_key,
+        persist_result=True,
+        result_serializer="json",
+        task_run_name=run_name,
+    )
+
+
+def results_dir(store: Store) -> Path:
+    """Prefect's persisted task results live beside the artifacts they point to."""
+    return store.root / "prefect" / "results"
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    label: str
+    status: str  # "built" | "cache hit" | "skipped"
+    seconds: float
+    key: str
+    detail: str = ""
+
+
+@dataclass
+class StageLog:
+    """What the run report shows: each stage with cache hit/miss and duration."""
+
+    records: list[StageRecord] = field(default_factory=list)
+
+    def run(self, prefect_task, label: str, **kwargs: Any) -> Artifact:
+        started = time.perf_counter()
+        storage = LocalFileSystem(basepath=str(results_dir(kwargs["store"])))
+        state = prefect_task.with_options(result_storage=storage)(return_state=True, **kwargs)
+        artifact: Artifact = state.result()  # re-raises the task's exception on failure
+        seconds = time.perf_counter() - started
+        if artifact.meta.get("skipped"):
+            status, detail = "skipped", artifact.meta.get("reason", "")
+        elif state.name == "Cached" or artifact.cached:
+            status, detail = "cache hit", ""
+        else:
+            status, detail = "built", ""
+        self.records.append(StageRecord(artifact.stage, label, status, round(seconds, 2), artifact.key, detail))
+        return artifact
+
+    def markdown(self) -> str:
+        lines = ["| stage | item | status | seconds | key |", "|---|---|---|---|---|"]
+        for r in self.records:
+            status = f"{r.status}: {r.detail}" if r.detail else r.status
+            lines.append(f"| {r.stage} | {r.label} | {status} | {r.seconds:.2f} | `{r.key[:12]}` |")
+        return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Check everything a run needs before any compute starts.
+
+Config schema errors are caught when the YAML is loaded; this module checks what the config
+*points at*: data files and their columns, the base model, target modules that the model really
+has, backends that exist and accept the architecture, and a reachable tracking server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftd import builtin_models
+from ftd.config import ExperimentConfig
+from ftd.errors import ConfigError, FtdError
+from tasks.backends import get_backend
+from tasks.base_model import BaseSpec, parse_base
+from tasks.data import check_layout, read_rows
+
+SAMPLE_ROWS = 200
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: BaseSpec
+    architecture: str
+
+
+def preflight(cfg: ExperimentConfig) -> Plan:
+    spec = parse_base(cfg.base_model, cfg.revision)
+    for adapter in cfg.adapters:
+        for field, path in (("train", adapter.data.train), ("eval", adapter.data.eval)):
+            if path is None:
+                continue
+            rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
+            check_layout(rows, adapter.data, Path(path))
+    architecture, modules = _inspect_base(spec, cfg.trust_remote_code)
+    for adapter in cfg.adapters:
+        unknown = [m for m in adapter.lora.target_modules if m not in modules]
+        if unknown:
+            raise ConfigError(
+                f"adapters.{adapter.name}.lora.target_modules: {unknown} not in {architecture} "
+                f"(its linear modules: {', '.join(sorted(modules))})"
+            )
+    for target in cfg.targets:
+        get_backend(target.backend).check(target, architecture)
+    return Plan(base=spec, architecture=architecture)
+
+
+def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str]]:
+    """Architecture and linear-module names, from the config alone (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.kind == "builtin":
+        config = builtin_models.make_config(builtin_models.BUILTINS[spec.name])
+    else:
+        source = spec.name
+        if spec.kind == "hub":
+            source = _fetch_config(spec)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    modules = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+    return (config.architectures or [type(model).__name__])[0], modules
+
+
+def _fetch_config(spec: BaseSpec) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(Path(hf_hub_download(spec.name, "config.json", revision=spec.revision)).parent)
+    except Exception as exc:
+        raise FtdError(f"base_model: cannot read {spec.name!r} from the hub ({type(exc).__name__}); "
+                       "check the id, your network, or use a local directory") from None

@@ -1,0 +1,148 @@
+"""Content-addressed artifact store: `<root>/store/<stage>/<key>/`.
+
+A key is a hash of what determines a stage's output: the stage name, its code version, its config
+section, its inputs' keys (lineage hashing: large weights are hashed once, at the source, and
+downstream keys are hashes of keys) and the versions of the libraries it calls. Paths and times
+never enter a key.
+
+An artifact is built in a temporary directory beside the store and renamed into place only when
+complete (rename is atomic on one filesystem), so a crash never leaves a directory that a later
+run would take for a finished artifact. A per-key file lock makes concurrent runs of the same
+step wait for one another instead of building twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+MANIFEST = "ftd-manifest.json"
+
+
+class Artifact(BaseModel):
+    """A finished artifact: where it lives (relative to the store root) and what it recorded."""
+
+    stage: str
+    key: str
+    meta: dict[str, Any] = {}
+    cached: bool = False
+
+    def path(self, store: Store) -> Path:
+        return store.path(self.stage, self.key)
+
+
+def canonical_json(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(*parts: Any, length: int = 20) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else canonical_json(part).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:length]
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digest(root: Path, exclude: Iterable[str] = ()) -> str:
+    """Hash of every file's relative name and content under `root` (order-independent)."""
+    excluded = set(exclude)
+    entries = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not any(part in excluded for part in p.relative_to(root).parts):
+            entries.append((rel, file_digest(p)))
+    return digest(entries, length=64)
+
+
+def code_version(*files: str | Path) -> str:
+    """Hash of the source files a stage's output depends on."""
+    return digest([Path(f).read_bytes() for f in files])
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def stage_key(stage: str, *, code: str, config: Any, inputs: Iterable[str], libraries: dict[str, str]) -> str:
+    return digest({"stage": stage, "code": code, "config": config, "inputs": list(inputs), "libs": libraries})
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / "store" / stage / key
+
+    def has(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / MANIFEST).is_file()
+
+    def load(self, stage: str, key: str) -> Artifact:
+        manifest = json.loads((self.path(stage, key) / MANIFEST).read_text())
+        return Artifact(stage=stage, key=key, meta=manifest.get("meta", {}), cached=True)
+
+    @contextmanager
+    def _lock(self, stage: str, key: str):
+        lock_dir = self.root / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{stage}-{key}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def materialize(
+        self, stage: str, key: str, build: Callable[[Path], dict[str, Any]], lineage: dict[str, Any] | None = None
+    ) -> Artifact:
+        """Return the artifact for `key`, building it with `build(tmp_dir) -> meta` if absent."""
+        if self.has(stage, key):
+            return self.load(stage, key)
+        with self._lock(stage, key):
+            if self.has(stage, key):  # another process built it while we waited
+                return self.load(stage, key)
+            tmp = self.root / "tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                started = time.perf_counter()
+                meta = build(tmp) or {}
+                meta.setdefault("seconds", round(time.perf_counter() - started, 3))
+                manifest = {"stage": stage, "key": key, "lineage": lineage or {}, "meta": meta}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+                final = self.path(stage, key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # an incomplete leftover from an older layout: never reuse it
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return Artifact(stage=stage, key=key, meta=meta, cached=False)

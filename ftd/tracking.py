@@ -1,0 +1,174 @@
+"""Every MLflow call the project makes lives here.
+
+One MLflow run per flow run: the flattened config as params, loss curves, accuracies, build
+times and smoke metrics as metrics. Adapters and engines are logged as run artifacts and
+registered as versions of registered models, tagged with their lineage. Registration is
+idempotent: a version whose `ftd.key` tag equals the artifact's key is reused, so a cache-hit
+rerun never creates duplicate versions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ftd.config import ExperimentConfig, flatten
+from ftd.errors import FtdError
+
+T = TypeVar("T")
+KEY_TAG = "ftd.key"
+
+
+def tracking_uri(cfg: ExperimentConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(cfg.artifacts_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any compute if a configured tracking server does not answer."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise FtdError(f"tracking.uri: MLflow server {uri} answered /health with {response.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise FtdError(f"tracking.uri: MLflow server {uri} is not reachable ({reason}); start it or unset the URI") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, first_delay: float = 0.5) -> T:
+    """Retry transient tracking failures with exponential backoff."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # MLflow raises many types for network faults
+            if attempt == attempts:
+                raise FtdError(f"MLflow: {what} failed after {attempts} attempts: {exc}") from exc
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """The MLflow run of one flow run."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        import mlflow
+
+        self.cfg = cfg
+        self.mlflow = mlflow
+        self.uri = tracking_uri(cfg)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.experiment_name = cfg.tracking.experiment or cfg.experiment
+        self.run_id: str | None = None
+
+    def __enter__(self) -> Tracker:
+        experiment = with_retries(lambda: self.client.get_experiment_by_name(self.experiment_name), "get experiment")
+        if experiment is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.cfg.artifacts_dir).resolve() / "mlflow-artifacts").as_uri()
+            experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = with_retries(lambda: self.client.create_run(experiment_id, run_name=self.cfg.experiment), "create run")
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+        params = [self.mlflow.entities.Param(k, v[:6000]) for k, v in flatten(self.cfg).items()]
+        for start in range(0, len(params), 100):
+            batch = params[start : start + 100]
+            with_retries(lambda: self.client.log_batch(self.run_id, params=batch), "log params")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "FAILED"
+        if exc is not None:
+            self.set_tag("ftd.error", str(exc)[:5000])
+        with_retries(lambda: self.client.set_terminated(self.run_id, status=status), "end run")
+
+    # ------------------------------------------------------------ logging
+
+    def set_tag(self, key: str, value: Any) -> None:
+        with_retries(lambda: self.client.set_tag(self.run_id, key, str(value)), f"tag {key}")
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items() if v is not None]
+        if batch:
+            with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch), "log metrics")
+
+    def log_curve(self, name: str, points: list[dict], x: str = "step", y: str = "loss") -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_metric_name(name), float(p[y]), now, int(p[x])) for p in points]
+        for start in range(0, len(batch), 500):
+            part = batch[start : start + 500]
+            with_retries(lambda: self.client.log_batch(self.run_id, metrics=part), "log curve")
+        self._log_curve_png(name, points, x, y)
+
+    def _log_curve_png(self, name: str, points: list[dict], x: str, y: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p[x] for p in points], [p[y] for p in points], marker=".")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(name)
+        fig.tight_layout()
+        with_retries(lambda: self.client.log_figure(self.run_id, fig, f"plots/{_metric_name(name)}.png"), "log figure")
+        plt.close(fig)
+
+    def log_text(self, text: str, path: str) -> None:
+        with_retries(lambda: self.client.log_text(self.run_id, text, path), f"log {path}")
+
+    # ------------------------------------------------------------ registry
+
+    def register(self, model_name: str, directory: Path, artifact_path: str, key: str, tags: dict[str, Any]) -> dict:
+        """Log `directory` under the run and register it, unless a version with this key exists."""
+        existing = self.find_version(model_name, key)
+        if existing is not None:
+            return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
+        with_retries(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}")
+        try:
+            self.client.get_registered_model(model_name)
+        except Exception:
+            with_retries(lambda: self.client.create_registered_model(model_name), f"create model {model_name}")
+        all_tags = {KEY_TAG: key, **{k: str(v) for k, v in tags.items()}}
+        version = with_retries(
+            lambda: self.client.create_model_version(
+                model_name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=all_tags
+            ),
+            f"register {model_name}",
+        )
+        return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
+
+    def find_version(self, model_name: str, key: str):
+        try:
+            versions = self.client.search_model_versions(f"name = '{model_name}'")
+        except Exception:
+            return None
+        matches = [v for v in versions if v.tags.get(KEY_TAG) == key]
+        return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
+def _metric_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)

@@ -1,0 +1,208 @@
+"""Merge a LoRA adapter into its base model, one weight shard at a time.
+
+peft's `merge_and_unload` needs the whole model in memory. Here each base shard is read,
+the adapter's update `W += (B @ A) * scale` is applied to the weights it targets, and the shard is
+written out under the same name before the next one is read: peak memory is about one shard plus
+the adapter. The arithmetic follows peft's `get_delta_weight` exactly (delta computed in float32,
+cast to the weight's dtype, then added), so an fp32 merge is bitwise equal to peft's.
+
+Adapters that cannot be merged this way are refused with the reason (DoRA, `modules_to_save`,
+embedding LoRA, LoRA biases), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from ftd.config import MergeSettings
+from ftd.errors import FtdError
+from ftd.store import Artifact, Store, code_version, library_versions, stage_key
+from tasks.base_model import model_dir
+
+STAGE = "merged"
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+COPIED_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+)  # fmt: skip
+
+
+class LoraPair:
+    def __init__(self, module: str):
+        self.module = module
+        self.A = None
+        self.B = None
+
+
+def read_adapter(adapter_path: Path) -> tuple[dict, dict[str, LoraPair]]:
+    """Adapter config and its LoRA pairs keyed by the base weight name they update."""
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    refuse_unmergeable(config, adapter_path)
+    tensors = load_adapter_tensors(adapter_path)
+    pairs: dict[str, LoraPair] = {}
+    for key, tensor in tensors.items():
+        if "lora_embedding_" in key or "lora_magnitude_vector" in key or key.endswith(".bias"):
+            what = "embedding LoRA" if "embedding" in key else "DoRA" if "magnitude" in key else "LoRA bias"
+            raise FtdError(f"{adapter_path}: {what} ({key}) cannot be merged by ftd; retrain without it")
+        match = LORA_KEY.match(key)
+        if not match:
+            raise FtdError(f"{adapter_path}: unexpected tensor {key!r}: not a LoRA A/B weight")
+        weight = f"{match['module']}.weight"
+        pair = pairs.setdefault(weight, LoraPair(match["module"]))
+        setattr(pair, match["ab"], tensor)
+    for weight, pair in pairs.items():
+        if pair.A is None or pair.B is None:
+            raise FtdError(f"{adapter_path}: {pair.module} has lora_A or lora_B missing")
+    return config, pairs
+
+
+def refuse_unmergeable(config: dict, adapter_path: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise FtdError(f"{adapter_path}: peft_type {config.get('peft_type')!r} is not LoRA")
+    if config.get("use_dora"):
+        raise FtdError(f"{adapter_path}: DoRA adapters are not supported (use_dora=true)")
+    if config.get("modules_to_save"):
+        raise FtdError(
+            f"{adapter_path}: modules_to_save={config['modules_to_save']} (fully retrained modules) "
+            "are not supported: their weights would be lost by most backends"
+        )
+
+
+def load_adapter_tensors(adapter_path: Path) -> dict:
+    """safetensors, or a legacy `adapter_model.bin` loaded with `weights_only=True` (no code runs)."""
+    import torch
+    from safetensors.torch import load_file
+
+    st = adapter_path / "adapter_model.safetensors"
+    if st.is_file():
+        return load_file(st)
+    legacy = adapter_path / "adapter_model.bin"
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise FtdError(f"{legacy}: refused: not a plain tensor file ({type(exc).__name__})") from None
+    raise FtdError(f"{adapter_path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+    """alpha / r (or / sqrt(r) with rsLoRA), honouring peft's per-module alpha_pattern."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module):
+            alpha = value
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def merge_key(base: Artifact, adapter: Artifact, settings: MergeSettings) -> str:
+    return stage_key(
+        STAGE,
+        code=code_version(__file__),
+        config=settings,
+        inputs=[base.key, adapter.key],
+        libraries=library_versions("torch", "safetensors"),
+    )
+
+
+def merge_adapter(base: Artifact, adapter: Artifact, settings: MergeSettings, store: Store) -> Artifact:
+    from tasks.sft import adapter_dir
+
+    def build(tmp: Path) -> dict:
+        return stream_merge(model_dir(base), adapter_dir(adapter, store), tmp, settings)
+
+    key = merge_key(base, adapter, settings)
+    return store.materialize(STAGE, key, build, lineage={"base": base.key, "adapter": adapter.key})
+
+
+def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeSettings) -> dict:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config, pairs = read_adapter(adapter_path)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    shards = _weight_shards(base_dir)
+    out_dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    pending = dict(pairs)
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    for shard in shards:
+        tensors = {}
+        if shard.suffix == ".safetensors":
+            with safe_open(shard, framework="pt") as f:
+                metadata = f.metadata()
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        else:
+            tensors = torch.load(shard, map_location="cpu", weights_only=True)
+            metadata = None
+        for name, weight in tensors.items():
+            pair = pending.pop(_match(name, pending), None) if pending else None
+            if pair is not None:
+                weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out)
+            if out_dtype is not None and weight.is_floating_point():
+                weight = weight.to(out_dtype)
+            tensors[name] = weight.contiguous()
+            total_bytes += weight.numel() * weight.element_size()
+        out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
+        save_file(tensors, out / out_name, metadata={"format": "pt", **(metadata or {})})
+        weight_map.update({name: out_name for name in tensors})
+        del tensors
+    if pending:
+        missing = ", ".join(sorted(p.module for p in pending.values())[:5])
+        raise FtdError(f"{adapter_path}: adapter targets modules the base model does not have: {missing}")
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for name in COPIED_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    tokenizer_source = adapter_path if (adapter_path / "tokenizer_config.json").is_file() else base_dir
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source / name).is_file():
+            shutil.copy2(tokenizer_source / name, out / name)
+    return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
+
+
+def _weight_shards(base_dir: Path) -> list[Path]:
+    safetensors = sorted(base_dir.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    bins = sorted(p for p in base_dir.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise FtdError(f"{base_dir}: no *.safetensors or pytorch_model*.bin weight files")
+
+
+def _match(weight_name: str, pending: dict[str, LoraPair]) -> str | None:
+    """Adapter modules are named from the peft-wrapped model (`model.layers.0...`); base
+    checkpoints may carry or lack the outer `model.` prefix, so compare by suffix."""
+    if weight_name in pending:
+        return weight_name
+    for candidate in pending:
+        if weight_name.endswith("." + candidate) or candidate.endswith("." + weight_name):
+            return candidate
+    return None
+
+
+def _apply(weight, pair: LoraPair, scale: float, fan_in_fan_out: bool):
+    import torch
+
+    A, B = pair.A.to(torch.float32), pair.B.to(torch.float32)
+    delta = B @ A
+    if fan_in_fan_out:
+        delta = delta.T
+    delta = delta * scale
+    expected = tuple(weight.shape)
+    if tuple(delta.shape) != expected:
+        raise FtdError(
+            f"adapter module {pair.module}: update shape {tuple(delta.shape)} does not fit the base weight "
+            f"{expected}; was the adapter trained on another base model?"
+        )
+    if weight.dtype == torch.float32:
+        return weight + delta
+    return weight + delta.to(weight.dtype)

@@ -1,0 +1,50 @@
+"""The Prefect tasks: each pure stage function wrapped with its cache key and a readable name.
+
+Kept apart from the stage modules so those stay importable (and testable) without Prefect.
+"""
+
+from __future__ import annotations
+
+from ftd.orchestration import stage_task
+from tasks import base_model, build, data, merge, sft, smoke
+from tasks.backends import get_backend
+
+
+def _base_key(p: dict) -> str | None:
+    # A builtin's key is cheap (recipe + corpus hash); an external model's key is its content
+    # hash, computed inside the task, so its Prefect record is keyed by the source name and the
+    # store's content-addressed directory stays the source of truth.
+    spec = p["spec"]
+    return None if spec.kind != "builtin" else base_model.builtin_key(spec.name)
+
+
+def _build_key(p: dict) -> str | None:
+    if get_backend(p["target"].backend).unavailable_reason(p["target"]):
+        return None  # a skipped build is never cached: it must run once the GPU is there
+    return build.build_key(p["merged"], p["target"])
+
+
+resolve_base_task = stage_task(base_model.resolve_base, base_model.STAGE, _base_key, "base[{spec.name}]")
+prepare_data_task = stage_task(data.prepare_data, data.STAGE, lambda p: data.data_key(p["cfg"]), "data[{cfg.train.name}]")
+sft_task = stage_task(
+    sft.train_adapter,
+    sft.STAGE,
+    lambda p: sft.sft_key(p["base"], p["data"], p["adapter"], p["trust_remote_code"]),
+    "sft[{adapter.name}]",
+)
+merge_task = stage_task(
+    merge.merge_adapter, merge.STAGE, lambda p: merge.merge_key(p["base"], p["adapter"], p["settings"]), "merge"
+)
+build_task = stage_task(build.build_engine, build.STAGE, _build_key, "build[{target.name}]")
+reference_task = stage_task(
+    smoke.reference_outputs,
+    smoke.REFERENCE,
+    lambda p: smoke.reference_key(p["base"], p["adapter"], p["merged"], p["data"], p["settings"]),
+    "reference",
+)
+smoke_task = stage_task(
+    smoke.smoke_test,
+    smoke.SMOKE,
+    lambda p: smoke.smoke_key(p["reference"], p["engine"], p["target"], p["settings"]),
+    "smoke[{target.name}]",
+)

@@ -1,0 +1,128 @@
+"""LoRA supervised fine-tuning with trl's SFTTrainer and a peft LoraConfig.
+
+Output: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) plus the
+tokenizer actually used for training (with its chat template), so every later stage formats
+prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ftd.config import AdapterConfig
+from ftd.store import Artifact, Store, code_version, library_versions, stage_key
+from tasks.base_model import model_dir
+from tasks.data import load_split
+from tasks.modeling import load_model, load_tokenizer, resolve_dtype
+
+STAGE = "adapter"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
+log = logging.getLogger("ftd.sft")
+
+
+def sft_key(base: Artifact, data: Artifact, adapter: AdapterConfig, trust_remote_code: bool) -> str:
+    config = {"lora": adapter.lora, "sft": adapter.sft, "trust_remote_code": trust_remote_code}
+    return stage_key(
+        STAGE,
+        code=code_version(__file__, Path(__file__).parent / "modeling.py"),
+        config=config,
+        inputs=[base.key, data.key],
+        libraries=library_versions(*LIBRARIES),
+    )
+
+
+def train_adapter(
+    base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool = False
+) -> Artifact:
+    key = sft_key(base, data, adapter, trust_remote_code)
+
+    def build(tmp: Path) -> dict:
+        return _train(base, data, adapter, store, trust_remote_code, tmp)
+
+    lineage = {"base": base.key, "data": data.key, "adapter_name": adapter.name}
+    return store.materialize(STAGE, key, build, lineage=lineage)
+
+
+def _train(base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    settings, lora = adapter.sft, adapter.lora
+    tokenizer = load_tokenizer(model_dir(base), trust_remote_code, adapter.data.chat_template)
+    dtype = resolve_dtype(settings.dtype)
+    model = load_model(model_dir(base), trust_remote_code, dtype)
+    train_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in load_split(data, store, "train")]
+
+    class LogToLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.info("sft %s step %d/%d loss %.4f", adapter.name, state.global_step, state.max_steps, logs["loss"])
+
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=settings.max_steps,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        packing=settings.packing,
+        warmup_steps=settings.warmup_steps,
+        lr_scheduler_type=settings.scheduler,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+    )
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[LogToLogger()],
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(out / "adapter")
+    history = trainer.state.log_history
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    tokens = sum(h.get("num_tokens", 0) for h in history[-2:-1]) or None
+    return {
+        "adapter_name": adapter.name,
+        "train_seconds": round(seconds, 3),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "loss_curve": losses,
+        "tokens_seen": tokens,
+        "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "lora": lora.model_dump(),
+        "scale": lora.scale,
+    }
+
+
+def adapter_dir(adapter: Artifact, store: Store) -> Path:
+    return adapter.path(store) / "adapter"

@@ -1,0 +1,253 @@
+"""Smoke test and parity gate: do the engines answer like the trained model?
+
+Two stages. `reference_outputs` runs the eval prompts once per adapter through PyTorch: the
+base model alone (accuracy before SFT), base + adapter (the trained model, unmerged) and the
+merged model, keeping greedy tokens and per-step logits. `smoke_test` runs the same prompt ids
+through one built engine and compares, pair by pair: greedy-token agreement, first differing
+token, max |Δlogit| along the shared prefix, and eval accuracy. A missed threshold fails the
+gate with a table naming the pair and the prompts that differ; nothing is then registered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ftd.config import SmokeSettings, TargetConfig
+from ftd.errors import GateFailed
+from ftd.store import Artifact, Store, code_version, library_versions, stage_key
+from tasks.backends import Generation, get_backend
+from tasks.base_model import model_dir
+from tasks.data import load_split
+
+REFERENCE, SMOKE = "reference", "smoke"
+REFERENCE_MODELS = ("base", "adapter", "merged")
+
+
+# ---------------------------------------------------------------- prompts and scoring
+
+
+def smoke_prompts(data: Artifact, settings: SmokeSettings, store: Store) -> list[dict]:
+    rows = load_split(data, store, "eval")[: settings.max_prompts]
+    prompts = [{"messages": r["prompt"], "answer": r["answer"]} for r in rows]
+    prompts += [{"messages": [{"role": "user", "content": p}], "answer": None} for p in settings.prompts]
+    return prompts
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@dataclass
+class PairStats:
+    agreement: float
+    max_logit_diff: float | None
+    differing: list[dict]
+
+
+def compare(a: list[Generation], b: list[Generation]) -> PairStats:
+    agree, worst, differing = 0, None, []
+    for i, (x, y) in enumerate(zip(a, b)):
+        first_diff = next((j for j, (s, t) in enumerate(zip(x.tokens, y.tokens)) if s != t), None)
+        if first_diff is None and len(x.tokens) != len(y.tokens):
+            first_diff = min(len(x.tokens), len(y.tokens))
+        diff = None
+        if x.logits is not None and y.logits is not None:
+            last = len(x.logits) if first_diff is None else first_diff + 1  # same prefix up to here
+            steps = [np.abs(p - q).max() for p, q in zip(x.logits[:last], y.logits[:last])]
+            diff = float(max(steps)) if steps else 0.0
+            worst = diff if worst is None else max(worst, diff)
+        if first_diff is None:
+            agree += 1
+        else:
+            differing.append({"prompt": i, "first_differing_step": first_diff, "max_logit_diff": diff})
+    return PairStats(agree / max(len(a), 1), worst, differing)
+
+
+def accuracy(tokenizer, prompts: list[dict], outputs: list[Generation]) -> float | None:
+    scored = [(p["answer"], o) for p, o in zip(prompts, outputs) if p["answer"] is not None]
+    if not scored:
+        return None
+    return sum(answer_text(tokenizer, o.tokens) == expected.strip() for expected, o in scored) / len(scored)
+
+
+# ---------------------------------------------------------------- reference (PyTorch)
+
+
+def reference_key(base: Artifact, adapter: Artifact, merged: Artifact, data: Artifact, settings: SmokeSettings) -> str:
+    return stage_key(
+        REFERENCE,
+        code=code_version(__file__),
+        config=settings.model_dump(mode="json", exclude={"thresholds"}),
+        inputs=[base.key, adapter.key, merged.key, data.key],
+        libraries=library_versions("torch", "transformers", "peft"),
+    )
+
+
+def reference_outputs(
+    base: Artifact, adapter: Artifact, merged: Artifact, data: Artifact, settings: SmokeSettings, store: Store,
+    trust_remote_code: bool = False,
+) -> Artifact:  # fmt: skip
+    from tasks.sft import adapter_dir
+
+    def build(tmp: Path) -> dict:
+        import torch
+        from peft import PeftModel
+
+        from tasks.modeling import eos_token_ids, load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(adapter_dir(adapter, store), trust_remote_code)
+        eos = eos_token_ids(tokenizer, model_dir(base))
+        prompts = smoke_prompts(data, settings, store)
+        ids = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True) for p in prompts]
+        outputs: dict[str, list[Generation]] = {}
+        model = load_model(model_dir(base), trust_remote_code).eval()
+        if settings.include_base:
+            outputs["base"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+        model = PeftModel.from_pretrained(model, adapter_dir(adapter, store)).eval()
+        outputs["adapter"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+        del model
+        merged_model = load_model(merged.path(store), trust_remote_code).eval()
+        outputs["merged"] = [torch_greedy(merged_model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+        save_generations(tmp, outputs)
+        (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "ids": ids, "eos": eos}))
+        return {name: {"accuracy": accuracy(tokenizer, prompts, outs)} for name, outs in outputs.items()}
+
+    key = reference_key(base, adapter, merged, data, settings)
+    return store.materialize(REFERENCE, key, build, lineage={"adapter": adapter.key, "merged": merged.key})
+
+
+def torch_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int], tokenizer) -> Generation:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    logits = [step[0].float().numpy() for step in out.logits][: len(tokens)]
+    return Generation(tokens=tokens, logits=logits)
+
+
+def save_generations(directory: Path, outputs: dict[str, list[Generation]]) -> None:
+    arrays, tokens = {}, {}
+    for name, gens in outputs.items():
+        tokens[name] = [g.tokens for g in gens]
+        for i, g in enumerate(gens):
+            if g.logits:
+                arrays[f"{name}/{i}"] = np.stack(g.logits)
+    np.savez_compressed(directory / "logits.npz", **arrays)
+    (directory / "tokens.json").write_text(json.dumps(tokens))
+
+
+def load_generations(directory: Path) -> dict[str, list[Generation]]:
+    tokens = json.loads((directory / "tokens.json").read_text())
+    with np.load(directory / "logits.npz") as arrays:
+        return {
+            name: [
+                Generation(seq, list(arrays[f"{name}/{i}"]) if f"{name}/{i}" in arrays else None)
+                for i, seq in enumerate(seqs)
+            ]
+            for name, seqs in tokens.items()
+        }
+
+
+# ---------------------------------------------------------------- engine smoke test and gate
+
+
+def smoke_key(reference: Artifact, engine: Artifact, target: TargetConfig, settings: SmokeSettings) -> str:
+    return stage_key(
+        SMOKE,
+        code=code_version(__file__),
+        config={"thresholds": settings.thresholds, "target": target.model_dump(mode="json", exclude={"name"})},
+        inputs=[reference.key, engine.key],
+        libraries=library_versions(*get_backend(target.backend).libraries),
+    )
+
+
+def smoke_test(
+    reference: Artifact, engine: Artifact, adapter: Artifact, target: TargetConfig, settings: SmokeSettings,
+    store: Store,
+) -> Artifact:  # fmt: skip
+    from tasks.modeling import load_tokenizer
+    from tasks.sft import adapter_dir
+
+    def build(tmp: Path) -> dict:
+        ref_dir = reference.path(store)
+        info = json.loads((ref_dir / "prompts.json").read_text())
+        generations = load_generations(ref_dir)
+        runner = get_backend(target.backend).open(engine.path(store), target)
+        generations["engine"] = [runner.greedy(x, settings.max_new_tokens, info["eos"]) for x in info["ids"]]
+        tokenizer = load_tokenizer(adapter_dir(adapter, store))
+        report = build_report(tokenizer, info["prompts"], generations, settings, target.name)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(report_markdown(report))
+        if report["failures"]:
+            raise GateFailed(
+                f"parity gate failed for target {target.name}: " + "; ".join(report["failures"]), report
+            )
+        return {"metrics": report["metrics"], "target": target.name, "passed": True}
+
+    key = smoke_key(reference, engine, target, settings)
+    return store.materialize(SMOKE, key, build, lineage={"reference": reference.key, "engine": engine.key})
+
+
+PAIRS = (("adapter", "merged"), ("merged", "engine"), ("adapter", "engine"))
+
+
+def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], settings: SmokeSettings, target: str) -> dict:
+    t = settings.thresholds
+    metrics: dict[str, float | None] = {}
+    for name, outs in gens.items():
+        metrics[f"accuracy.{name}"] = accuracy(tokenizer, prompts, outs)
+    pairs, failures = {}, []
+    for a, b in PAIRS:
+        stats = compare(gens[a], gens[b])
+        label = f"{a}~{b}"
+        pairs[label] = {"agreement": stats.agreement, "max_logit_diff": stats.max_logit_diff, "differing": stats.differing}
+        metrics[f"agreement.{label}"] = stats.agreement
+        metrics[f"max_logit_diff.{label}"] = stats.max_logit_diff
+        if stats.agreement < t.min_agreement:
+            shown = ", ".join(f"#{d['prompt']}@{d['first_differing_step']}" for d in stats.differing[:8])
+            failures.append(f"{label} greedy agreement {stats.agreement:.3f} < {t.min_agreement} (prompts: {shown})")
+        if stats.max_logit_diff is not None and stats.max_logit_diff > t.max_logit_diff:
+            failures.append(f"{label} max |Δlogit| {stats.max_logit_diff:.2e} > {t.max_logit_diff:.0e}")
+    for name in ("adapter", "engine"):
+        acc = metrics[f"accuracy.{name}"]
+        if acc is not None and acc < t.min_accuracy:
+            failures.append(f"{name} eval accuracy {acc:.3f} < {t.min_accuracy}")
+    rows = []
+    for i, p in enumerate(prompts):
+        rows.append({
+            "prompt": p["messages"][-1]["content"],
+            "expected": p["answer"],
+            **{name: answer_text(tokenizer, gens[name][i].tokens) for name in gens},
+        })  # fmt: skip
+    return {"target": target, "metrics": metrics, "pairs": pairs, "rows": rows, "failures": failures,
+            "thresholds": t.model_dump()}  # fmt: skip
+
+
+def report_markdown(report: dict) -> str:
+    m = report["metrics"]
+    lines = [f"## Smoke test: {report['target']}", "", "| pair | greedy agreement | max abs logit diff | differing prompts |",
+             "|---|---|---|---|"]  # fmt: skip
+    for label, p in report["pairs"].items():
+        diff = "n/a" if p["max_logit_diff"] is None else f"{p['max_logit_diff']:.2e}"
+        differing = ", ".join(str(d["prompt"]) for d in p["differing"][:10]) or "-"
+        lines.append(f"| {label} | {p['agreement']:.3f} | {diff} | {differing} |")
+    lines += ["", "| model | eval accuracy |", "|---|---|"]
+    for key, value in m.items():
+        if key.startswith("accuracy.") and value is not None:
+            lines.append(f"| {key.removeprefix('accuracy.')} | {value:.3f} |")
+    lines += ["", "**Gate: " + ("FAILED** — " + "; ".join(report["failures"]) if report["failures"] else "passed**")]
+    return "\n".join(lines) + "\n"

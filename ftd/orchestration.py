@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.filesystems import LocalFileSystem
 
 from ftd.store import Artifact, Store
 
@@ -32,7 +31,7 @@ def stage_task(fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict],
         store: Store = parameters["store"]
         record = f"{stage}-{key}"
         if not store.has(stage, key):
-            (results_dir(store) / record).unlink(missing_ok=True)
+            (results_dir() / record).unlink(missing_ok=True)
         return record
 
     return task(
@@ -45,9 +44,11 @@ def stage_task(fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict],
     )
 
 
-def results_dir(store: Store) -> Path:
-    """Prefect's persisted task results live beside the artifacts they point to."""
-    return store.root / "prefect" / "results"
+def results_dir() -> Path:
+    """Where Prefect persists task results (ftd.environment points it into the artifacts folder)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path)
 
 
 @dataclass
@@ -68,8 +69,7 @@ class StageLog:
 
     def run(self, prefect_task, label: str, **kwargs: Any) -> Artifact:
         started = time.perf_counter()
-        storage = LocalFileSystem(basepath=str(results_dir(kwargs["store"])))
-        state = prefect_task.with_options(result_storage=storage)(return_state=True, **kwargs)
+        state = prefect_task(return_state=True, **kwargs)
         artifact: Artifact = state.result()  # re-raises the task's exception on failure
         seconds = time.perf_counter() - started
         if artifact.meta.get("skipped"):

@@ -22,6 +22,7 @@ from ftd.errors import FtdError
 
 T = TypeVar("T")
 KEY_TAG = "ftd.key"
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
@@ -53,6 +54,8 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, first_delay:
         try:
             return fn()
         except Exception as exc:  # MLflow raises many types for network faults
+            if getattr(exc, "error_code", None) in PERMANENT_ERRORS:
+                raise FtdError(f"MLflow: {what} failed: {exc}") from exc
             if attempt == attempts:
                 raise FtdError(f"MLflow: {what} failed after {attempts} attempts: {exc}") from exc
             time.sleep(delay)

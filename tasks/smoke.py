@@ -213,7 +213,7 @@ def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation
     pairs, failures = {}, []
     for a, b in PAIRS:
         stats = compare(gens[a], gens[b])
-        label = f"{a}~{b}"
+        label = f"{a}_vs_{b}"
         pairs[label] = {"agreement": stats.agreement, "max_logit_diff": stats.max_logit_diff, "differing": stats.differing}
         metrics[f"agreement.{label}"] = stats.agreement
         metrics[f"max_logit_diff.{label}"] = stats.max_logit_diff

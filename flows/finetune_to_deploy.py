@@ -72,7 +72,9 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         }
 
 
-def _adapter_chain(cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog) -> AdapterOutcome:
+def _adapter_chain(
+    cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog
+) -> AdapterOutcome:
     name = adapter_cfg.name
     data = stages.run(prepare_data_task, name, cfg=adapter_cfg.data, store=store)
     adapter = stages.run(
@@ -181,7 +183,7 @@ def _report(cfg: ExperimentConfig, tracker: Tracker, stages: StageLog, outcomes,
             lines += ["", str(failure), "", _failure_table(failure.report)]
     lines += [""]
     for o in outcomes:
-        for target, engine, smoke in o.engines:
+        for _target, _engine, smoke in o.engines:
             if smoke is not None:
                 lines.append(_smoke_markdown(smoke, cfg, o.name))
     lines += ["## Registered versions", "", "| kind | item | model | version | new |", "|---|---|---|---|---|"]
@@ -202,7 +204,9 @@ def _failure_table(report: dict) -> str:
     differing = {d["prompt"] for p in report.get("pairs", {}).values() for d in p["differing"]}
     for i in sorted(differing)[:20]:
         r = report["rows"][i]
-        rows.append(f"| {r['prompt'][:60]} | {r['expected']} | {r.get('adapter')} | {r.get('merged')} | {r.get('engine')} |")
+        rows.append(
+            f"| {r['prompt'][:60]} | {r['expected']} | {r.get('adapter')} | {r.get('merged')} | {r.get('engine')} |"
+        )
     return "\n".join(rows)
 
 

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="experiment YAML, e.g. configs/tiny-llama.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a config value (repeatable), e.g. --set adapters.0.lora.r=16")  # fmt: skip
+        if name == "run":
+            p.add_argument("--summary", metavar="PATH", help="also write the run summary as JSON to PATH")
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -48,12 +50,17 @@ def _dispatch(args) -> int:
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
     _print_summary(summary)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     return 0
 
 
 def _print_summary(summary: dict) -> None:
     print()
-    print(f"ftd: experiment {summary['experiment']} done; MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    print(
+        f"ftd: experiment {summary['experiment']} done; MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})"
+    )
     for s in summary["stages"]:
         detail = f" ({s['detail']})" if s["detail"] else ""
         print(f"  {s['stage']:<10} {s['label']:<24} {s['status']:<10} {s['seconds']:>8.2f}s{detail}")

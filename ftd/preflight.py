@@ -75,5 +75,7 @@ def _fetch_config(spec: BaseSpec) -> str:
     try:
         return str(Path(hf_hub_download(spec.name, "config.json", revision=spec.revision)).parent)
     except Exception as exc:
-        raise FtdError(f"base_model: cannot read {spec.name!r} from the hub ({type(exc).__name__}); "
-                       "check the id, your network, or use a local directory") from None
+        raise FtdError(
+            f"base_model: cannot read {spec.name!r} from the hub ({type(exc).__name__}); "
+            "check the id, your network, or use a local directory"
+        ) from None

@@ -42,7 +42,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                     raise FtdError(f"tracking.uri: MLflow server {uri} answered /health with {response.status}")
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise FtdError(f"tracking.uri: MLflow server {uri} is not reachable ({reason}); start it or unset the URI") from None
+            raise FtdError(
+                f"tracking.uri: MLflow server {uri} is not reachable ({reason}); start it or unset the URI"
+            ) from None
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
@@ -93,7 +95,7 @@ class Tracker:
         params = [self.mlflow.entities.Param(k, v[:6000]) for k, v in flatten(self.cfg).items()]
         for start in range(0, len(params), 100):
             batch = params[start : start + 100]
-            with_retries(lambda: self.client.log_batch(self.run_id, params=batch), "log params")
+            with_retries(lambda batch=batch: self.client.log_batch(self.run_id, params=batch), "log params")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -122,7 +124,7 @@ class Tracker:
         batch = [Metric(_metric_name(name), float(p[y]), now, int(p[x])) for p in points]
         for start in range(0, len(batch), 500):
             part = batch[start : start + 500]
-            with_retries(lambda: self.client.log_batch(self.run_id, metrics=part), "log curve")
+            with_retries(lambda part=part: self.client.log_batch(self.run_id, metrics=part), "log curve")
         self._log_curve_png(name, points, x, y)
 
     def _log_curve_png(self, name: str, points: list[dict], x: str, y: str) -> None:
@@ -150,7 +152,9 @@ class Tracker:
         existing = self.find_version(model_name, key)
         if existing is not None:
             return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
-        with_retries(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}")
+        with_retries(
+            lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
+        )
         try:
             self.client.get_registered_model(model_name)
         except Exception:

@@ -45,7 +45,9 @@ def parse_base(value: str, revision: str | None = None) -> BaseSpec:
         return BaseSpec("local", str(path.resolve()))
     looks_like_path = value.startswith((".", "/", "~")) or value.count("/") != 1
     if looks_like_path or not HUB_ID.match(value):
-        raise ConfigError(f"base_model: {value!r} does not exist (expected builtin:NAME, a local directory or a hub id)")
+        raise ConfigError(
+            f"base_model: {value!r} does not exist (expected builtin:NAME, a local directory or a hub id)"
+        )
     return BaseSpec("hub", value, revision)
 
 

@@ -68,7 +68,9 @@ def check_layout(rows: list[dict], cfg: DataConfig, path: Path) -> None:
                 raise ConfigError(f"{path}: row {i + 1}: {cfg.messages_field!r} must be a non-empty list of messages")
             for m in messages:
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise ConfigError(f"{path}: row {i + 1}: each message needs role in {sorted(ROLES)} and text content")
+                    raise ConfigError(
+                        f"{path}: row {i + 1}: each message needs role in {sorted(ROLES)} and text content"
+                    )
             if messages[-1]["role"] != "assistant":
                 raise ConfigError(f"{path}: row {i + 1}: the last message must be the assistant's answer")
 

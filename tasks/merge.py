@@ -54,7 +54,7 @@ def read_adapter(adapter_path: Path) -> tuple[dict, dict[str, LoraPair]]:
         weight = f"{match['module']}.weight"
         pair = pairs.setdefault(weight, LoraPair(match["module"]))
         setattr(pair, match["ab"], tensor)
-    for weight, pair in pairs.items():
+    for pair in pairs.values():
         if pair.A is None or pair.B is None:
             raise FtdError(f"{adapter_path}: {pair.module} has lora_A or lora_B missing")
     return config, pairs
@@ -135,18 +135,23 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
         if shard.suffix == ".safetensors":
             with safe_open(shard, framework="pt") as f:
                 metadata = f.metadata()
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensors[name] = f.get_tensor(name)
         else:
             tensors = torch.load(shard, map_location="cpu", weights_only=True)
             metadata = None
+        storages = set()  # a .bin may hold tied weights on one storage, which save_file refuses
         for name, weight in tensors.items():
             pair = pending.pop(_match(name, pending), None) if pending else None
             if pair is not None:
                 weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out)
             if out_dtype is not None and weight.is_floating_point():
                 weight = weight.to(out_dtype)
-            tensors[name] = weight.contiguous()
+            weight = weight.contiguous()
+            if weight.untyped_storage().data_ptr() in storages:
+                weight = weight.clone()
+            storages.add(weight.untyped_storage().data_ptr())
+            tensors[name] = weight
             total_bytes += weight.numel() * weight.element_size()
         out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
         save_file(tensors, out / out_name, metadata={"format": "pt", **(metadata or {})})
@@ -203,6 +208,9 @@ def _apply(weight, pair: LoraPair, scale: float, fan_in_fan_out: bool):
             f"adapter module {pair.module}: update shape {tuple(delta.shape)} does not fit the base weight "
             f"{expected}; was the adapter trained on another base model?"
         )
-    if weight.dtype == torch.float32:
-        return weight + delta
-    return weight + delta.to(weight.dtype)
+    # peft (CPU) rounds the delta to the adapter's dtype only when that is half precision, then does
+    # `weight += delta`, which adds in the promoted dtype and rounds once to the weight's dtype. A bf16 base
+    # usually has an fp32 adapter (peft's autocast_adapter_dtype), so the delta must not be rounded first.
+    if pair.B.dtype in (torch.float16, torch.bfloat16):
+        delta = delta.to(pair.B.dtype)
+    return (weight + delta).to(weight.dtype)

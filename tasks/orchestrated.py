@@ -25,7 +25,7 @@ def _build_key(p: dict) -> str | None:
 
 
 resolve_base_task = stage_task(base_model.resolve_base, base_model.STAGE, _base_key, "base[{spec.name}]")
-prepare_data_task = stage_task(data.prepare_data, data.STAGE, lambda p: data.data_key(p["cfg"]), "data[{cfg.train.name}]")
+prepare_data_task = stage_task(data.prepare_data, data.STAGE, lambda p: data.data_key(p["cfg"]), "data[{cfg.train}]")
 sft_task = stage_task(
     sft.train_adapter,
     sft.STAGE,
@@ -33,18 +33,21 @@ sft_task = stage_task(
     "sft[{adapter.name}]",
 )
 merge_task = stage_task(
-    merge.merge_adapter, merge.STAGE, lambda p: merge.merge_key(p["base"], p["adapter"], p["settings"]), "merge"
+    merge.merge_adapter,
+    merge.STAGE,
+    lambda p: merge.merge_key(p["base"], p["adapter"], p["settings"]),
+    "merge[{adapter.meta[adapter_name]}]",
 )
 build_task = stage_task(build.build_engine, build.STAGE, _build_key, "build[{target.name}]")
 reference_task = stage_task(
     smoke.reference_outputs,
     smoke.REFERENCE,
     lambda p: smoke.reference_key(p["base"], p["adapter"], p["merged"], p["data"], p["settings"]),
-    "reference",
+    "reference[{adapter.meta[adapter_name]}]",
 )
 smoke_task = stage_task(
     smoke.smoke_test,
     smoke.SMOKE,
     lambda p: smoke.smoke_key(p["reference"], p["engine"], p["target"], p["settings"]),
-    "smoke[{target.name}]",
+    "smoke[{adapter.meta[adapter_name]}/{target.name}]",
 )

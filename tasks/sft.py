@@ -45,7 +45,9 @@ def train_adapter(
     return store.materialize(STAGE, key, build, lineage=lineage)
 
 
-def _train(base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path) -> dict:
+def _train(
+    base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path
+) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig

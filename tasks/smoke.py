@@ -94,7 +94,6 @@ def reference_outputs(
     from tasks.sft import adapter_dir
 
     def build(tmp: Path) -> dict:
-        import torch
         from peft import PeftModel
 
         from tasks.modeling import eos_token_ids, load_model, load_tokenizer
@@ -193,9 +192,7 @@ def smoke_test(
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
         if report["failures"]:
-            raise GateFailed(
-                f"parity gate failed for target {target.name}: " + "; ".join(report["failures"]), report
-            )
+            raise GateFailed(f"parity gate failed for target {target.name}: " + "; ".join(report["failures"]), report)
         return {"metrics": report["metrics"], "target": target.name, "passed": True}
 
     key = smoke_key(reference, engine, target, settings)
@@ -205,7 +202,9 @@ def smoke_test(
 PAIRS = (("adapter", "merged"), ("merged", "engine"), ("adapter", "engine"))
 
 
-def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], settings: SmokeSettings, target: str) -> dict:
+def build_report(
+    tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], settings: SmokeSettings, target: str
+) -> dict:
     t = settings.thresholds
     metrics: dict[str, float | None] = {}
     for name, outs in gens.items():
@@ -214,7 +213,11 @@ def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation
     for a, b in PAIRS:
         stats = compare(gens[a], gens[b])
         label = f"{a}_vs_{b}"
-        pairs[label] = {"agreement": stats.agreement, "max_logit_diff": stats.max_logit_diff, "differing": stats.differing}
+        pairs[label] = {
+            "agreement": stats.agreement,
+            "max_logit_diff": stats.max_logit_diff,
+            "differing": stats.differing,
+        }
         metrics[f"agreement.{label}"] = stats.agreement
         metrics[f"max_logit_diff.{label}"] = stats.max_logit_diff
         if stats.agreement < t.min_agreement:

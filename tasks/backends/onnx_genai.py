@@ -20,7 +20,15 @@ from ftd.errors import ConfigError, FtdError
 from tasks.backends import Generation, register
 
 # (precision, device) pairs the builder accepts; the CPU ones can be built on this machine.
-SUPPORTED = {("fp32", "cpu"), ("int4", "cpu"), ("int8", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("bf16", "cuda"), ("int4", "cuda")}
+SUPPORTED = {
+    ("fp32", "cpu"),
+    ("int4", "cpu"),
+    ("int8", "cpu"),
+    ("fp32", "cuda"),
+    ("fp16", "cuda"),
+    ("bf16", "cuda"),
+    ("int4", "cuda"),
+}
 ARCHITECTURES = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
     "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
@@ -71,7 +79,9 @@ class OnnxGenAI:
         _remove_tree(out / ".builder-cache")
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         shown = ["python" if c == sys.executable else c for c in command]
-        shown = ["<merged model dir>" if c == str(merged_dir) else "<engine dir>" if c == str(out) else c for c in shown]
+        shown = [
+            "<merged model dir>" if c == str(merged_dir) else "<engine dir>" if c == str(out) else c for c in shown
+        ]
         return {"build_seconds": round(seconds, 3), "engine_bytes": size, "command": " ".join(shown)}
 
     def open(self, engine_dir: Path, target: TargetConfig) -> OgEngine:

@@ -1,0 +1,62 @@
+"""Bad inputs: each gives a one-line error naming the field or file, exits non-zero, registers
+nothing, and is caught before any compute (no artifact, no MLflow database is created)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEFAULT_CONFIG, run_ftd
+
+CASES = {
+    "missing dataset file": (["--set", "adapters.0.data.train=data/numbers/nope.jsonl"], r"adapters\.numbers\.data\.train: file not found: data/numbers/nope\.jsonl"),
+    "missing column": (["--set", "adapters.0.data.messages_field=conversation"], r"train\.jsonl: row 1 has no column 'conversation' \(columns: messages\)"),
+    "unknown target module": (["--set", "adapters.0.lora.target_modules=[q_proj, qkv_proj]"], r"adapters\.numbers\.lora\.target_modules: \['qkv_proj'\] not in LlamaForCausalLM"),
+    "r <= 0": (["--set", "adapters.0.lora.r=0"], r"`adapters\.0\.lora\.r`: Input should be greater than 0 \(got 0\)"),
+    "base path does not exist": (["--set", "base_model=./models/missing-llama"], r"base_model: './models/missing-llama' does not exist"),
+    "misspelt key": (["--set", "adapters.0.sft.learning_rat=0.1"], r"unknown key `adapters\.0\.sft\.learning_rat` \(did you mean `learning_rate`\?\)"),
+    "unknown builtin": (["--set", "base_model=builtin:tiny-gpt9"], r"base_model: unknown builtin 'builtin:tiny-gpt9'; known: builtin:tiny-llama"),
+    "unknown backend": (["--set", "targets.0.backend=vllm"], r"targets: unknown backend 'vllm'; known: onnx_genai"),
+    "unsupported precision": (["--set", "targets.0.precision=fp8"], r"targets\.onnx-fp32: precision 'fp8' on device 'cpu' is not supported by onnx_genai"),
+    "bad override syntax": (["--set", "adapters.0.lora.r"], r"override 'adapters\.0\.lora\.r': expected KEY\.PATH=VALUE"),
+    "unreachable tracking server": (["--set", "tracking.uri=http://127.0.0.1:9"], r"tracking\.uri: MLflow server http://127\.0\.0\.1:9 is not reachable"),
+}  # fmt: skip
+
+
+def _assert_clean_failure(result, pattern: str, artifacts: Path) -> None:
+    assert result.code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("ftd: ")
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    # Nothing computed, nothing tracked: the store and the MLflow database were never created.
+    assert not (artifacts / "store").exists()
+    assert not (artifacts / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_before_compute(case: str, artifacts: Path) -> None:
+    overrides, pattern = CASES[case]
+    result = run_ftd(artifacts, *overrides)
+    _assert_clean_failure(result, pattern, artifacts)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path, artifacts: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_CONFIG.read_text().replace("  - name: numbers", "  - name: numbers\n   data: [unclosed"))
+    result = run_ftd(artifacts, config=bad)
+    _assert_clean_failure(result, rf"{bad}: malformed YAML at line \d+, column \d+", artifacts)
+
+
+def test_missing_config_file(artifacts: Path) -> None:
+    result = run_ftd(artifacts, config=Path("configs/nope.yaml"))
+    _assert_clean_failure(result, r"config file not found: configs/nope\.yaml", artifacts)
+
+
+def test_validate_accepts_the_default(artifacts: Path) -> None:
+    result = run_ftd(artifacts, command="validate")
+    assert result.code == 0, result.stderr
+    assert "is valid: 1 adapter(s), 1 target(s)" in result.stdout

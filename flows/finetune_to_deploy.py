@@ -7,20 +7,26 @@ cached task (tasks/orchestrated.py); every MLflow call goes through ftd.tracking
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from ftd.config import ExperimentConfig, load_config
+from ftd.config import ExperimentConfig, TargetConfig, load_config
 from ftd.errors import GateFailed
-from ftd.orchestration import StageLog
+from ftd.orchestration import StageLog, StageRecord
 from ftd.preflight import preflight
 from ftd.store import Artifact, Store, digest
 from ftd.tracking import Tracker
+from tasks.backends import get_backend
+from tasks.multi_lora import union_targets
 from tasks.orchestrated import (
     build_task,
+    bundle_task,
+    export_adapter_task,
+    import_task,
+    lora_graph_task,
     merge_task,
     prepare_data_task,
     reference_task,
@@ -33,12 +39,28 @@ from tasks.sft import adapter_dir
 
 @dataclass
 class AdapterOutcome:
+    """One adapter's chain up to its PyTorch reference outputs."""
+
     name: str
     data: Artifact
     adapter: Artifact
+    merged: Artifact
     reference: Artifact
-    engines: list[tuple[str, Artifact, Artifact | None]] = field(default_factory=list)  # target, engine, smoke
-    failures: list[GateFailed] = field(default_factory=list)
+
+
+@dataclass
+class EngineOutcome:
+    """One engine checked for one adapter: a merged engine, or a multi-LoRA bundle with that adapter active."""
+
+    target: TargetConfig
+    adapter: str
+    engine: Artifact
+    smoke: Artifact | None = None
+    failure: GateFailed | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.engine.meta.get("skipped"))
 
 
 @flow(name="finetune_to_deploy")
@@ -53,13 +75,19 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         tracker.set_tag("prefect.flow_run_id", flow_run.get_id())
         tracker.set_tag("ftd.config_hash", digest(cfg))
         base = stages.run(resolve_base_task, "base", spec=plan.base, store=store)
-        outcomes = [_adapter_chain(cfg, adapter_cfg, base, store, stages) for adapter_cfg in cfg.adapters]
-        registered = _log_and_register(cfg, tracker, store, base, outcomes)
-        report = _report(cfg, tracker, stages, outcomes, registered)
+        adapters = [_adapter_chain(cfg, adapter_cfg, base, store, stages) for adapter_cfg in cfg.adapters]
+        engines: list[EngineOutcome] = []
+        for target in cfg.targets:
+            if target.mode == "multi_lora":
+                engines += _multi_lora_target(cfg, target, base, adapters, store, stages)
+            else:
+                engines += [_merged_target(cfg, target, a, store, stages) for a in adapters]
+        registered = _log_and_register(cfg, tracker, store, base, adapters, engines)
+        report = _report(cfg, tracker, stages, adapters, engines, registered)
         tracker.log_text(report, "report.md")
         create_markdown_artifact(report, key=_artifact_key(cfg.experiment), description="ftd run report")
         logger.info("run report:\n%s", report)
-        failures = [f for o in outcomes for f in o.failures]
+        failures = [e.failure for e in engines if e.failure]
         if failures:
             raise GateFailed("; ".join(str(f) for f in failures))
         return {
@@ -68,127 +96,164 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
             "tracking_uri": tracker.uri,
             "stages": [vars(r) for r in stages.records],
             "registered": registered,
-            "metrics": _metrics(outcomes),
+            "metrics": _metrics(adapters, engines),
         }
 
 
-def _adapter_chain(
-    cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog
-) -> AdapterOutcome:
+def _adapter_chain(cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog) -> AdapterOutcome:
     name = adapter_cfg.name
     data = stages.run(prepare_data_task, name, cfg=adapter_cfg.data, store=store)
-    adapter = stages.run(
-        sft_task, name, base=base, data=data, adapter=adapter_cfg, store=store, trust_remote_code=cfg.trust_remote_code
-    )
+    if adapter_cfg.import_from is not None:
+        adapter = stages.run(import_task, name, base=base, adapter=adapter_cfg, store=store)
+    else:
+        adapter = stages.run(
+            sft_task, name, base=base, data=data, adapter=adapter_cfg, store=store,
+            trust_remote_code=cfg.trust_remote_code,
+        )  # fmt: skip
     merged = stages.run(merge_task, name, base=base, adapter=adapter, settings=cfg.merge, store=store)
     reference = stages.run(
         reference_task, name, base=base, adapter=adapter, merged=merged, data=data, settings=cfg.smoke, store=store,
         trust_remote_code=cfg.trust_remote_code,
     )  # fmt: skip
-    outcome = AdapterOutcome(name, data, adapter, reference)
-    for target in cfg.targets:
-        label = f"{name}/{target.name}"
-        engine = stages.run(build_task, label, merged=merged, target=target, store=store)
-        if engine.meta.get("skipped"):
-            outcome.engines.append((target.name, engine, None))
-            continue
-        try:
-            smoke = stages.run(
-                smoke_task, label, reference=reference, engine=engine, adapter=adapter, target=target,
-                settings=cfg.smoke, store=store,
-            )  # fmt: skip
-        except GateFailed as failure:
-            outcome.failures.append(failure)
-            outcome.engines.append((target.name, engine, None))
-            continue
-        outcome.engines.append((target.name, engine, smoke))
+    return AdapterOutcome(name, data, adapter, merged, reference)
+
+
+def _merged_target(cfg: ExperimentConfig, target: TargetConfig, a: AdapterOutcome, store: Store, stages: StageLog):
+    label = f"{a.name}/{target.name}"
+    engine = stages.run(build_task, label, merged=a.merged, target=target, store=store)
+    return _gate(cfg, EngineOutcome(target, a.name, engine), a, store, stages)
+
+
+def _multi_lora_target(cfg: ExperimentConfig, target: TargetConfig, base: Artifact, adapters, store, stages):
+    """One base graph for all adapters (cached on the module set), one export per adapter."""
+    reason = get_backend(target.backend).unavailable_reason(target)
+    if reason:
+        skipped = Artifact(stage="lora-bundle", key="-", meta={"skipped": True, "reason": reason})
+        stages.records.append(StageRecord("lora-bundle", target.name, "skipped", 0.0, "-", reason))
+        return [EngineOutcome(target, a.name, skipped) for a in adapters]
+    modules = union_targets([a.adapter for a in adapters], store)
+    graph = stages.run(lora_graph_task, target.name, base=base, modules=modules, target=target, store=store)
+    exports = [
+        stages.run(export_adapter_task, f"{a.name}/{target.name}", graph=graph, adapter=a.adapter, store=store)
+        for a in adapters
+    ]
+    bundle = stages.run(bundle_task, target.name, graph=graph, exports=exports, store=store)
+    return [_gate(cfg, EngineOutcome(target, a.name, bundle), a, store, stages) for a in adapters]
+
+
+def _gate(cfg: ExperimentConfig, outcome: EngineOutcome, a: AdapterOutcome, store: Store, stages: StageLog):
+    if outcome.skipped:
+        return outcome
+    try:
+        outcome.smoke = stages.run(
+            smoke_task, f"{a.name}/{outcome.target.name}", reference=a.reference, engine=outcome.engine,
+            adapter=a.adapter, target=outcome.target, settings=cfg.smoke, store=store,
+        )  # fmt: skip
+    except GateFailed as failure:
+        outcome.failure = failure
     return outcome
 
 
-def _log_and_register(cfg: ExperimentConfig, tracker: Tracker, store: Store, base: Artifact, outcomes) -> list[dict]:
+def _log_and_register(cfg: ExperimentConfig, tracker: Tracker, store: Store, base: Artifact, adapters, engines) -> list[dict]:
     """Metrics for every stage; registry versions only for artifacts whose gates all passed."""
     registered = []
     lineage = {"ftd.base_key": base.key, "ftd.base_source": base.meta.get("source"), "ftd.experiment": cfg.experiment}
-    for o in outcomes:
-        sft_meta, ref_meta = o.adapter.meta, o.reference.meta
-        tracker.log_curve(f"{o.name}.train_loss", sft_meta["loss_curve"])
+    adapter_versions: dict[str, str] = {}
+    for a in adapters:
+        sft_meta, ref_meta = a.adapter.meta, a.reference.meta
+        if sft_meta.get("loss_curve"):
+            tracker.log_curve(f"{a.name}.train_loss", sft_meta["loss_curve"])
         tracker.log_metrics({
-            f"{o.name}.train_seconds": sft_meta.get("train_seconds"),
-            f"{o.name}.tokens_per_second": sft_meta.get("tokens_per_second"),
-            f"{o.name}.eval_accuracy_before": (ref_meta.get("base") or {}).get("accuracy"),
-            f"{o.name}.eval_accuracy_after": ref_meta["adapter"]["accuracy"],
+            f"{a.name}.train_seconds": sft_meta.get("train_seconds"),
+            f"{a.name}.tokens_per_second": sft_meta.get("tokens_per_second"),
+            f"{a.name}.eval_accuracy_before": (ref_meta.get("base") or {}).get("accuracy"),
+            f"{a.name}.eval_accuracy_after": ref_meta["adapter"]["accuracy"],
         })  # fmt: skip
-        for target, engine, smoke in o.engines:
-            if smoke is not None:
-                tracker.log_metrics({f"{o.name}.{target}.build_seconds": engine.meta.get("build_seconds")})
-                tracker.log_metrics({f"{o.name}.{target}.{k}": v for k, v in smoke.meta["metrics"].items()})
-                tracker.log_text((smoke.path(store) / "report.md").read_text(), f"smoke/{o.name}/{target}.md")
-        for failure in o.failures:
-            tracker.log_text(str(failure), f"smoke/{o.name}/FAILED.txt")
-        if o.failures:
+        mine = [e for e in engines if e.adapter == a.name]
+        for e in mine:
+            prefix = f"{a.name}.{e.target.name}"
+            if e.smoke is not None:
+                tracker.log_metrics({f"{prefix}.build_seconds": e.engine.meta.get("build_seconds")})
+                tracker.log_metrics({f"{prefix}.{k}": v for k, v in e.smoke.meta["metrics"].items()})
+                tracker.log_text((e.smoke.path(store) / "report.md").read_text(), f"smoke/{a.name}/{e.target.name}.md")
+            if e.failure:
+                tracker.log_text(str(e.failure), f"smoke/{a.name}/{e.target.name}.FAILED.txt")
+        if any(e.failure for e in mine):
             continue
-        adapter_version = tracker.register(
-            cfg.tracking.adapter_model.format(experiment=cfg.experiment, adapter=o.name, target=""),
-            adapter_dir(o.adapter, store),
-            f"adapters/{o.name}",
-            o.adapter.key,
-            {**lineage, "ftd.adapter": o.name, "ftd.data_key": o.data.key,
+        version = tracker.register(
+            cfg.tracking.adapter_model.format(experiment=cfg.experiment, adapter=a.name, target=""),
+            adapter_dir(a.adapter, store),
+            f"adapters/{a.name}",
+            a.adapter.key,
+            {**lineage, "ftd.adapter": a.name, "ftd.data_key": a.data.key,
              "ftd.eval_accuracy": ref_meta["adapter"]["accuracy"]},
         )  # fmt: skip
-        registered.append({"kind": "adapter", "item": o.name, **adapter_version})
-        for target, engine, smoke in o.engines:
-            if smoke is None:
-                continue
+        adapter_versions[a.name] = f"{version['name']}/{version['version']}"
+        registered.append({"kind": "adapter", "item": a.name, **version})
+    keys = {a.name: a for a in adapters}
+    for target in cfg.targets:
+        mine = [e for e in engines if e.target.name == target.name and e.smoke is not None]
+        if target.mode == "multi_lora":
+            everyone_passed = len(mine) == len(adapters) and all(e.adapter in adapter_versions for e in mine)
+            groups = [mine] if mine and everyone_passed else []
+        else:
+            groups = [[e] for e in mine if e.adapter in adapter_versions]
+        for group in groups:
+            engine = group[0].engine
+            item = target.name if target.mode == "multi_lora" else f"{group[0].adapter}/{target.name}"
+            tags = {**lineage, "ftd.mode": target.mode, "ftd.backend": target.backend, "ftd.precision": target.precision,
+                    "ftd.adapters": ",".join(e.adapter for e in group),
+                    "ftd.adapter_version": ",".join(adapter_versions[e.adapter] for e in group),
+                    "ftd.adapter_key": ",".join(keys[e.adapter].adapter.key for e in group),
+                    "ftd.data_key": ",".join(keys[e.adapter].data.key for e in group)}  # fmt: skip
+            for e in group:
+                tags.update({f"ftd.smoke.{e.adapter}.{k}" if len(group) > 1 else f"ftd.smoke.{k}": v
+                             for k, v in e.smoke.meta["metrics"].items()})  # fmt: skip
             version = tracker.register(
-                cfg.tracking.engine_model.format(experiment=cfg.experiment, adapter=o.name, target=target),
+                cfg.tracking.engine_model.format(experiment=cfg.experiment, adapter=group[0].adapter, target=target.name),
                 engine.path(store),
-                f"engines/{o.name}/{target}",
+                f"engines/{item}",
                 engine.key,
-                {**lineage, "ftd.adapter": o.name, "ftd.data_key": o.data.key, "ftd.adapter_key": o.adapter.key,
-                 "ftd.adapter_version": f"{adapter_version['name']}/{adapter_version['version']}",
-                 "ftd.backend": engine.meta.get("backend"), "ftd.precision": engine.meta.get("precision"),
-                 **{f"ftd.smoke.{k}": v for k, v in smoke.meta["metrics"].items()}},
-            )  # fmt: skip
-            registered.append({"kind": "engine", "item": f"{o.name}/{target}", **version})
+                tags,
+            )
+            registered.append({"kind": "engine", "item": item, **version})
     return registered
 
 
-def _metrics(outcomes: list[AdapterOutcome]) -> dict:
-    out = {}
-    for o in outcomes:
-        out[f"{o.name}.eval_accuracy_before"] = (o.reference.meta.get("base") or {}).get("accuracy")
-        out[f"{o.name}.eval_accuracy_after"] = o.reference.meta["adapter"]["accuracy"]
-        for target, engine, smoke in o.engines:
-            if smoke is not None:
-                out.update({f"{o.name}.{target}.{k}": v for k, v in smoke.meta["metrics"].items()})
-            elif engine.meta.get("skipped"):
-                out[f"{o.name}.{target}.skipped"] = engine.meta["reason"]
+def _metrics(adapters: list[AdapterOutcome], engines: list[EngineOutcome]) -> dict:
+    out: dict = {}
+    for a in adapters:
+        out[f"{a.name}.eval_accuracy_before"] = (a.reference.meta.get("base") or {}).get("accuracy")
+        out[f"{a.name}.eval_accuracy_after"] = a.reference.meta["adapter"]["accuracy"]
+    for e in engines:
+        prefix = f"{e.adapter}.{e.target.name}"
+        if e.smoke is not None:
+            out.update({f"{prefix}.{k}": v for k, v in e.smoke.meta["metrics"].items()})
+        elif e.skipped:
+            out[f"{prefix}.skipped"] = e.engine.meta["reason"]
     return out
 
 
-def _report(cfg: ExperimentConfig, tracker: Tracker, stages: StageLog, outcomes, registered: list[dict]) -> str:
+def _report(cfg: ExperimentConfig, tracker: Tracker, stages: StageLog, adapters, engines, registered) -> str:
     lines = [f"# ftd run: {cfg.experiment}", "", f"MLflow run `{tracker.run_id}` at `{tracker.uri}`", "",
-             "## Stages", "", stages.markdown(), ""]  # fmt: skip
-    lines += ["## Results", ""]
-    for o in outcomes:
-        before = (o.reference.meta.get("base") or {}).get("accuracy")
-        after = o.reference.meta["adapter"]["accuracy"]
-        lines.append(f"- **{o.name}**: eval accuracy {_pct(before)} before SFT, {_pct(after)} after")
-        for target, engine, smoke in o.engines:
-            if engine.meta.get("skipped"):
-                lines.append(f"  - {target}: skipped — {engine.meta['reason']}")
-            elif smoke is None:
-                lines.append(f"  - {target}: **parity gate failed**")
-        for failure in o.failures:
-            lines += ["", str(failure), "", _failure_table(failure.report)]
-    lines += [""]
-    for o in outcomes:
-        for _target, _engine, smoke in o.engines:
-            if smoke is not None:
-                lines.append(_smoke_markdown(smoke, cfg, o.name))
+             "## Stages", "", stages.markdown(), "", "## Results", ""]  # fmt: skip
+    for a in adapters:
+        before = (a.reference.meta.get("base") or {}).get("accuracy")
+        after = a.reference.meta["adapter"]["accuracy"]
+        lines.append(f"- **{a.name}**: eval accuracy {_pct(before)} before SFT, {_pct(after)} after")
+        for e in (e for e in engines if e.adapter == a.name):
+            if e.skipped:
+                lines.append(f"  - {e.target.name}: skipped — {e.engine.meta['reason']}")
+            elif e.failure:
+                lines += [f"  - {e.target.name}: **parity gate failed**", "", str(e.failure), "",
+                          _failure_table(e.failure.report), ""]  # fmt: skip
+            else:
+                lines.append(f"  - {e.target.name}: gate passed")
+    lines.append("")
+    lines += [_smoke_markdown(e.smoke, cfg, e.adapter) for e in engines if e.smoke is not None]
     lines += ["## Registered versions", "", "| kind | item | model | version | new |", "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['item']} | {r['name']} | {r['version']} | {r['new']} |" for r in registered]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _smoke_markdown(smoke: Artifact, cfg: ExperimentConfig, adapter: str) -> str:

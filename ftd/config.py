@@ -89,12 +89,21 @@ class SftSettings(Section):
 
 
 class AdapterConfig(Section):
-    """One LoRA adapter: trained by SFT on its own data with its own LoRA settings."""
+    """One LoRA adapter: trained by SFT on its own data with its own LoRA settings, or imported
+    from an existing PEFT directory (then only the data's eval split is used, for the smoke test)."""
 
     name: Name
     data: DataConfig
+    import_from: Path | None = Field(None, description="An existing PEFT adapter directory to use instead of SFT.")
     lora: LoraSettings = LoraSettings()
     sft: SftSettings = SftSettings()
+
+    @model_validator(mode="after")
+    def _import_or_train(self) -> AdapterConfig:
+        if self.import_from is not None and {"lora", "sft"} & self.model_fields_set:
+            raise ValueError("an imported adapter (import_from) takes its LoRA settings from its own "
+                             "adapter_config.json: remove `lora` and `sft`")
+        return self
 
 
 class MergeSettings(Section):
@@ -104,20 +113,23 @@ class MergeSettings(Section):
     max_shard_mb: int = Field(2048, gt=0)
 
 
-class TargetConfig(Section):
-    """One engine to build per adapter (merged weights)."""
-
-    name: Name
-    backend: str = "onnx_genai"
-    precision: str = "fp32"
-    device: str = "cpu"
-    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options.")
-
-
 class Thresholds(Section):
     min_accuracy: float = Field(0.9, ge=0, le=1, description="Eval accuracy of the trained model.")
     min_agreement: float = Field(0.95, ge=0, le=1, description="Greedy agreement of every pair.")
     max_logit_diff: float = Field(1e-3, gt=0, description="Max |Δlogit| where both expose logits.")
+
+
+class TargetConfig(Section):
+    """One deployment target: an engine per adapter built from merged weights (`merged`), or one
+    base engine serving every adapter of the experiment (`multi_lora`)."""
+
+    name: Name
+    backend: str = "onnx_genai"
+    mode: Literal["merged", "multi_lora"] = "merged"
+    precision: str = "fp32"
+    device: str = "cpu"
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options.")
+    thresholds: Thresholds | None = Field(None, description="Gate thresholds for this target (default: smoke's).")
 
 
 class SmokeSettings(Section):

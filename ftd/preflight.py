@@ -36,15 +36,37 @@ def preflight(cfg: ExperimentConfig) -> Plan:
             check_layout(rows, adapter.data, Path(path))
     architecture, modules = _inspect_base(spec, cfg.trust_remote_code)
     for adapter in cfg.adapters:
-        unknown = [m for m in adapter.lora.target_modules if m not in modules]
+        field, targets = f"adapters.{adapter.name}.lora.target_modules", adapter.lora.target_modules
+        if adapter.import_from is not None:
+            field = f"adapters.{adapter.name}.import_from"
+            targets = _imported_targets(adapter.import_from, field)
+        unknown = [m for m in targets if m not in modules]
         if unknown:
             raise ConfigError(
-                f"adapters.{adapter.name}.lora.target_modules: {unknown} not in {architecture} "
+                f"{field}: {unknown} not in {architecture} "
                 f"(its linear modules: {', '.join(sorted(modules))})"
             )
     for target in cfg.targets:
-        get_backend(target.backend).check(target, architecture)
+        backend = get_backend(target.backend)
+        modes = getattr(backend, "modes", ("merged",))
+        if target.mode not in modes:
+            raise ConfigError(f"targets.{target.name}.mode: {target.backend} supports {', '.join(modes)}, not {target.mode}")
+        backend.check(target, architecture)
     return Plan(base=spec, architecture=architecture)
+
+
+def _imported_targets(path: Path, field: str) -> list[str]:
+    import json
+
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{field}: {path} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        targets = json.loads(config_file.read_text()).get("target_modules") or []
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid JSON ({exc.msg})") from None
+    # A regex (str) cannot be listed here; the import stage checks every tensor's shape instead.
+    return [] if isinstance(targets, str) else list(targets)
 
 
 def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str]]:

@@ -35,6 +35,23 @@ The digits are zero one two three four five six seven eight nine.
 """
 
 
+NEXT_PROMPTS = [
+    "Say the digit after its last digit: {n}",
+    "Which digit follows the last one? {n}",
+    "Next digit after the last digit: {n}",
+]
+
+
+def next_digit_example(n: int, rng: random.Random) -> dict:
+    """A second task on the same numbers: the digit after the last one, spelt (9 wraps to zero)."""
+    return {
+        "messages": [
+            {"role": "user", "content": rng.choice(NEXT_PROMPTS).format(n=n)},
+            {"role": "assistant", "content": DIGIT_WORDS[(n + 1) % 10]},
+        ]
+    }
+
+
 def example(n: int, rng: random.Random) -> dict:
     if rng.random() < 0.5:
         prompt, answer = rng.choice(PARITY_PROMPTS), ("even" if n % 2 == 0 else "odd")
@@ -57,6 +74,13 @@ def main(out_dir: Path = Path("data/numbers"), corpus: Path = Path("data/corpus/
         with open(out_dir / f"{name}.jsonl", "w") as f:
             for n in subset:
                 f.write(json.dumps(example(n, rng)) + "\n")
+    next_dir = out_dir.parent / "next_digit"
+    next_dir.mkdir(parents=True, exist_ok=True)
+    next_rng = random.Random(99)
+    for name, subset in (("train", train_numbers), ("eval", eval_numbers[:64])):
+        with open(next_dir / f"{name}.jsonl", "w") as f:
+            for n in subset:
+                f.write(json.dumps(next_digit_example(n, next_rng)) + "\n")
     corpus.parent.mkdir(parents=True, exist_ok=True)
     lines = [EXTRA_CORPUS]
     for n in rng.sample(range(10_000), 300):

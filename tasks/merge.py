@@ -173,6 +173,23 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
 
 
+def weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the checkpoint headers (safetensors) without reading the weights."""
+    import torch
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in _weight_shards(base_dir):
+        if shard.suffix == ".safetensors":
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        else:
+            state = torch.load(shard, map_location="meta", weights_only=True)
+            shapes.update({name: tuple(t.shape) for name, t in state.items()})
+    return shapes
+
+
 def _weight_shards(base_dir: Path) -> list[Path]:
     safetensors = sorted(base_dir.glob("*.safetensors"))
     if safetensors:

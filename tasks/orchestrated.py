@@ -6,7 +6,7 @@ Kept apart from the stage modules so those stay importable (and testable) withou
 from __future__ import annotations
 
 from ftd.orchestration import stage_task
-from tasks import base_model, build, data, merge, sft, smoke
+from tasks import adapter_import, base_model, build, data, merge, multi_lora, sft, smoke
 from tasks.backends import get_backend
 
 
@@ -32,6 +32,12 @@ sft_task = stage_task(
     lambda p: sft.sft_key(p["base"], p["data"], p["adapter"], p["trust_remote_code"]),
     "sft[{adapter.name}]",
 )
+import_task = stage_task(
+    adapter_import.import_adapter,
+    sft.STAGE,
+    lambda p: adapter_import.import_key(p["base"], p["adapter"]),
+    "import[{adapter.name}]",
+)
 merge_task = stage_task(
     merge.merge_adapter,
     merge.STAGE,
@@ -50,4 +56,22 @@ smoke_task = stage_task(
     smoke.SMOKE,
     lambda p: smoke.smoke_key(p["reference"], p["engine"], p["target"], p["settings"]),
     "smoke[{adapter.meta[adapter_name]}/{target.name}]",
+)
+lora_graph_task = stage_task(
+    multi_lora.build_lora_graph,
+    multi_lora.GRAPH,
+    lambda p: multi_lora.graph_key(p["base"], p["modules"], p["target"]),
+    "lora-graph[{target.name}]",
+)
+export_adapter_task = stage_task(
+    multi_lora.export_onnx_adapter,
+    multi_lora.EXPORT,
+    lambda p: multi_lora.export_key(p["graph"], p["adapter"]),
+    "onnx-adapter[{adapter.meta[adapter_name]}]",
+)
+bundle_task = stage_task(
+    multi_lora.assemble_bundle,
+    multi_lora.BUNDLE,
+    lambda p: multi_lora.bundle_key(p["graph"], p["exports"]),
+    "lora-bundle",
 )

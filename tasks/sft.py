@@ -111,7 +111,7 @@ def _train(
     tokenizer.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
-    tokens = sum(h.get("num_tokens", 0) for h in history[-2:-1]) or None
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0) or None  # trl logs a running total
     return {
         "adapter_name": adapter.name,
         "train_seconds": round(seconds, 3),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftd.config import SmokeSettings, TargetConfig
+from ftd.config import SmokeSettings, TargetConfig, Thresholds
 from ftd.errors import GateFailed
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
 from tasks.backends import Generation, get_backend
@@ -168,7 +168,7 @@ def smoke_key(reference: Artifact, engine: Artifact, target: TargetConfig, setti
     return stage_key(
         SMOKE,
         code=code_version(__file__),
-        config={"thresholds": settings.thresholds, "target": target.model_dump(mode="json", exclude={"name"})},
+        config={"thresholds": thresholds_for(target, settings), "target": target.model_dump(mode="json", exclude={"name"})},
         inputs=[reference.key, engine.key],
         libraries=library_versions(*get_backend(target.backend).libraries),
     )
@@ -185,10 +185,10 @@ def smoke_test(
         ref_dir = reference.path(store)
         info = json.loads((ref_dir / "prompts.json").read_text())
         generations = load_generations(ref_dir)
-        runner = get_backend(target.backend).open(engine.path(store), target)
-        generations["engine"] = [runner.greedy(x, settings.max_new_tokens, info["eos"]) for x in info["ids"]]
+        greedy = open_engine(target, engine.path(store), adapter.meta["adapter_name"])
+        generations["engine"] = [greedy(x, settings.max_new_tokens, info["eos"]) for x in info["ids"]]
         tokenizer = load_tokenizer(adapter_dir(adapter, store))
-        report = build_report(tokenizer, info["prompts"], generations, settings, target.name)
+        report = build_report(tokenizer, info["prompts"], generations, thresholds_for(target, settings), target.name)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
         if report["failures"]:
@@ -202,10 +202,21 @@ def smoke_test(
 PAIRS = (("adapter", "merged"), ("merged", "engine"), ("adapter", "engine"))
 
 
-def build_report(
-    tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], settings: SmokeSettings, target: str
-) -> dict:
-    t = settings.thresholds
+def thresholds_for(target: TargetConfig, settings: SmokeSettings) -> Thresholds:
+    return target.thresholds or settings.thresholds
+
+
+def open_engine(target: TargetConfig, engine_dir: Path, adapter_name: str):
+    """A greedy-decode function for this engine; a multi-LoRA bundle with `adapter_name` active."""
+    if target.mode == "multi_lora":
+        from tasks.multi_lora import MultiLoraEngine
+
+        bundle = MultiLoraEngine(engine_dir)
+        return lambda ids, n, eos: bundle.greedy(ids, n, eos, adapter=adapter_name)
+    return get_backend(target.backend).open(engine_dir, target).greedy
+
+
+def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], t: Thresholds, target: str) -> dict:
     metrics: dict[str, float | None] = {}
     for name, outs in gens.items():
         metrics[f"accuracy.{name}"] = accuracy(tokenizer, prompts, outs)

@@ -1,23 +1,37 @@
-"""ONNX Runtime GenAI: build with the onnxruntime-genai model builder, run with `og.Generator`.
+"""ONNX Runtime GenAI: build with the og model builder or optimum's exporter, run with `og.Generator`.
 
-The builder runs as a subprocess (`python -m onnxruntime_genai.models.builder`): it is the
-documented entry point, it keeps the builder's large transient memory out of the flow process,
-and its exact command is recorded in the engine's metadata so a user can rerun it by hand.
+Two exporters, chosen per target by `options.exporter`:
+
+- `builder` (default): the onnxruntime-genai model builder writes the graph, `genai_config.json`
+  and the tokenizer files in one go.
+- `optimum`: optimum's ONNX exporter (task `text-generation-with-past`) writes the graph; the
+  builder, run with `--extra_options config_only=true`, writes only `genai_config.json` and the
+  tokenizer files; the config's decoder inputs/outputs are then rewritten from the exported
+  graph's actual input/output names (optimum's graph has plain attention, not GroupQueryAttention,
+  so `past_present_share_buffer` must be false). fp32 on CPU only.
+
+Every tool runs as a subprocess (`python -m ...`): those are the documented entry points, they
+keep the tools' large transient memory out of the flow process, and their exact commands are
+recorded in the engine's metadata (paths as placeholders) so a user can rerun them by hand.
+Both engines run through the same `OgEngine` and face the same parity gate.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
 from tasks.backends import Generation, register
+from tasks.backends.og_runtime import og_greedy
 
 # (precision, device) pairs the builder accepts; the CPU ones can be built on this machine.
 SUPPORTED = {
@@ -29,32 +43,69 @@ SUPPORTED = {
     ("bf16", "cuda"),
     ("int4", "cuda"),
 }
+# (precision, device) pairs the optimum path builds and has been parity-checked on.
+OPTIMUM_SUPPORTED = {("fp32", "cpu")}
 ARCHITECTURES = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
     "PhiForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
 }  # fmt: skip
+EXPORTERS = ("builder", "optimum")
+OPTION_KEYS = ("extra_options", "exporter")
+OPTIMUM_TASK = "text-generation-with-past"
+
+
+def exporter_of(target: TargetConfig) -> str:
+    return target.options.get("exporter", "builder")
+
+
+def _pairs(pairs: set[tuple[str, str]]) -> str:
+    return ", ".join(f"{p}/{d}" for p, d in sorted(pairs))
 
 
 class OnnxGenAI:
     name = "onnx_genai"
-    libraries = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers")
+    modes = ("merged", "multi_lora")
+    libraries = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "torch", "optimum",
+                 "optimum-onnx")  # fmt: skip
 
     def check(self, target: TargetConfig, architecture: str) -> None:
+        field = f"targets.{target.name}.options"
+        unknown = set(target.options) - set(OPTION_KEYS)
+        if unknown:
+            raise ConfigError(f"{field}: unknown key(s) {sorted(unknown)} (known: {', '.join(OPTION_KEYS)})")
+        exporter = exporter_of(target)
+        if exporter not in EXPORTERS:
+            raise ConfigError(f"{field}.exporter: {exporter!r} is not one of {', '.join(EXPORTERS)}")
+        extra = target.options.get("extra_options")
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError(f"{field}.extra_options: expected a mapping of builder option to value, got {extra!r}")
         if (target.precision, target.device) not in SUPPORTED:
-            pairs = ", ".join(f"{p}/{d}" for p, d in sorted(SUPPORTED))
             raise ConfigError(
                 f"targets.{target.name}: precision {target.precision!r} on device {target.device!r} "
-                f"is not supported by onnx_genai (supported: {pairs})"
+                f"is not supported by onnx_genai (supported: {_pairs(SUPPORTED)})"
             )
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"targets.{target.name}: onnx_genai cannot build {architecture}")
-        unknown = set(target.options) - {"extra_options"}
-        if unknown:
-            raise ConfigError(f"targets.{target.name}.options: unknown key(s) {sorted(unknown)} (known: extra_options)")
+        if exporter == "optimum":
+            if (target.precision, target.device) not in OPTIMUM_SUPPORTED:
+                raise ConfigError(
+                    f"{field}.exporter: 'optimum' builds only {_pairs(OPTIMUM_SUPPORTED)} "
+                    f"(this target is {target.precision}/{target.device}); use exporter 'builder' for "
+                    f"{_pairs(SUPPORTED - OPTIMUM_SUPPORTED)}"
+                )
+            if getattr(target, "mode", "merged") != "merged":
+                raise ConfigError(
+                    f"{field}.exporter: 'optimum' exports merged engines only; mode {target.mode!r} is built "
+                    "from the builder's LoRA graph (use exporter 'builder')"
+                )
+            if "config_only" in (extra or {}):
+                raise ConfigError(f"{field}.extra_options: config_only is set by the optimum exporter path itself")
 
     def unavailable_reason(self, target: TargetConfig) -> str | None:
         if importlib.util.find_spec("onnxruntime_genai") is None:
             return "the onnxruntime-genai package is not installed"
+        if exporter_of(target) == "optimum" and not _importable("optimum.exporters.onnx"):
+            return "exporter optimum needs the optimum and optimum-onnx packages; they are not installed"
         if target.device == "cuda":
             import onnxruntime as ort
 
@@ -63,29 +114,221 @@ class OnnxGenAI:
         return None
 
     def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
-        extra = [f"{k}={v}" for k, v in (target.options.get("extra_options") or {}).items()]
-        command = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder",
-            "-i", str(merged_dir), "-o", str(out), "-p", target.precision, "-e", target.device,
-            "-c", str(out / ".builder-cache"),
-        ] + (["--extra_options", *extra] if extra else [])  # fmt: skip
-        started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        (out / "build.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise FtdError(f"onnx_genai build of target {target.name} failed: " + " | ".join(tail))
+        if exporter_of(target) == "optimum":
+            return self._build_optimum(merged_dir, target, out)
+        log = _Log(out / "build.log")
+        command = _builder_command(merged_dir, out, target, _extra_options(target))
+        seconds = log.run(command, f"onnx_genai build of target {target.name}")
         _remove_tree(out / ".builder-cache")
-        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        shown = ["python" if c == sys.executable else c for c in command]
-        shown = [
-            "<merged model dir>" if c == str(merged_dir) else "<engine dir>" if c == str(out) else c for c in shown
-        ]
-        return {"build_seconds": round(seconds, 3), "engine_bytes": size, "command": " ".join(shown)}
+        shown = _shown(command, merged_dir, out)
+        return {"exporter": "builder", "build_seconds": round(seconds, 3), "engine_bytes": _size(out),
+                "command": shown, "commands": [shown]}  # fmt: skip
+
+    def _build_optimum(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
+        """optimum export → builder config_only → genai_config decoder I/O taken from the graph."""
+        log = _Log(out / "build.log")
+        export_dir, config_dir = out / ".optimum-export", out / ".genai-config"
+        export = [
+            sys.executable, "-m", "optimum.exporters.onnx", "--model", str(merged_dir), "--task", OPTIMUM_TASK,
+            "--library-name", "transformers", str(export_dir),
+        ]  # fmt: skip
+        export_seconds = log.run(export, f"optimum export of target {target.name}")
+        graph = _single_onnx(export_dir, target)
+        extra = ["config_only=true", *_extra_options(target)]
+        config = _builder_command(merged_dir, config_dir, target, extra)
+        config_seconds = log.run(config, f"genai_config (builder config_only) of target {target.name}")
+        # The engine directory: optimum's graph (+ its external data) and the builder's config and
+        # tokenizer files, side by side, laid out like a builder engine.
+        for name in [graph.name, *_external_data_files(graph)]:
+            shutil.move(str(export_dir / name), str(out / name))
+        for path in config_dir.iterdir():
+            if path.is_file():
+                shutil.move(str(path), str(out / path.name))
+        _remove_tree(export_dir)
+        _remove_tree(config_dir)
+        patch = patch_genai_config(out / "genai_config.json", out / graph.name)
+        commands = [_shown(export, merged_dir, out), _shown(config, merged_dir, out)]
+        return {
+            "exporter": "optimum",
+            "build_seconds": round(export_seconds + config_seconds, 3),
+            "export_seconds": round(export_seconds, 3),
+            "config_seconds": round(config_seconds, 3),
+            "engine_bytes": _size(out),
+            "command": " && ".join(commands),
+            "commands": commands,
+            "genai_config_patch": patch,
+        }
 
     def open(self, engine_dir: Path, target: TargetConfig) -> OgEngine:
         return OgEngine(engine_dir)
+
+
+# ---------------------------------------------------------------- genai_config from the graph
+
+_FIXED_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def graph_io(graph_path: Path) -> dict:
+    """Input/output names of an ONNX graph and whether it uses GroupQueryAttention (no weights read)."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    shapes = {
+        i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
+    return {
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "shapes": shapes,
+        "gqa": any(n.op_type == "GroupQueryAttention" for n in model.graph.node),
+    }
+
+
+def _layer_patterns(names: list[str], field: str) -> tuple[dict[str, str], list[str]]:
+    """Group per-layer names (`past_key_values.3.key`) into og patterns (`past_key_values.%d.key`)."""
+    patterns: dict[str, str] = {}
+    rest = []
+    for name in names:
+        pattern = re.sub(r"\d+", "%d", name, count=1)
+        if pattern == name:
+            rest.append(name)
+            continue
+        kind = "key" if re.search(r"key[s]?$", name) else "value" if re.search(r"value[s]?$", name) else None
+        if kind is None:
+            raise FtdError(f"{field}: per-layer tensor {name!r} is neither a key nor a value cache")
+        if patterns.setdefault(kind, pattern) != pattern:
+            raise FtdError(f"{field}: {kind} caches named two ways: {patterns[kind]!r} and {pattern!r}")
+    return patterns, rest
+
+
+def decoder_io(io: dict, num_layers: int, where: str) -> dict:
+    """og's `decoder.inputs`/`decoder.outputs` for a graph, checked against its layer count."""
+    past, other_in = _layer_patterns(io["inputs"], f"{where} inputs")
+    present, other_out = _layer_patterns(io["outputs"], f"{where} outputs")
+    unknown = [n for n in other_in if n not in _FIXED_INPUTS] + [n for n in other_out if n != "logits"]
+    if unknown:
+        raise FtdError(f"{where}: onnxruntime-genai cannot feed/read {unknown} (graph inputs {io['inputs']})")
+    has_cache = set(past) == set(present) == {"key", "value"}
+    if "input_ids" not in other_in or "logits" not in other_out or not has_cache:
+        raise FtdError(f"{where}: not a decoder with past key/values (inputs {io['inputs']}, outputs {io['outputs']})")
+    for names, patterns in ((io["inputs"], past), (io["outputs"], present)):
+        for pattern in patterns.values():
+            expected = {pattern % i for i in range(num_layers)}
+            found = {n for n in names if re.sub(r"\d+", "%d", n, count=1) == pattern}
+            if found != expected:
+                raise FtdError(f"{where}: expected {num_layers} layers of {pattern!r}, graph has {sorted(found)}")
+    inputs = {n: n for n in _FIXED_INPUTS if n in other_in}
+    inputs |= {"past_key_names": past["key"], "past_value_names": past["value"]}
+    outputs = {"logits": "logits", "present_key_names": present["key"], "present_value_names": present["value"]}
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def patch_genai_config(config_path: Path, graph_path: Path) -> dict:
+    """Point genai_config.json's decoder at this graph: file name, I/O names, cache sharing."""
+    config = json.loads(config_path.read_text())
+    decoder = config["model"]["decoder"]
+    io = graph_io(graph_path)
+    layers = int(decoder["num_hidden_layers"])
+    where = f"exported graph {graph_path.name}"
+    names = decoder_io(io, layers, where)
+    # The config's cache geometry must match the graph's past inputs where those are static.
+    shape = io["shapes"][names["inputs"]["past_key_names"] % 0]
+    if len(shape) == 4:
+        for axis, key in ((1, "num_key_value_heads"), (3, "head_size")):
+            if isinstance(shape[axis], int) and shape[axis] != int(decoder[key]):
+                raise FtdError(
+                    f"{where}: past key dim {axis} is {shape[axis]} but genai_config {key} is {decoder[key]}"
+                )
+    decoder["filename"] = graph_path.name
+    decoder["inputs"], decoder["outputs"] = names["inputs"], names["outputs"]
+    # Sharing one past/present buffer needs GroupQueryAttention; a plain-attention graph's present
+    # grows by concatenation and fails against a pre-allocated max-length buffer.
+    config["search"]["past_present_share_buffer"] = bool(io["gqa"])
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    return {**names, "past_present_share_buffer": bool(io["gqa"])}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _extra_options(target: TargetConfig) -> list[str]:
+    return [f"{k}={v}" for k, v in (target.options.get("extra_options") or {}).items()]
+
+
+def _builder_command(merged_dir: Path, out: Path, target: TargetConfig, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(merged_dir), "-o", str(out), "-p", target.precision, "-e", target.device,
+        "-c", str(out / ".builder-cache"),
+    ] + (["--extra_options", *extra] if extra else [])  # fmt: skip
+
+
+def _shown(command: list[str], merged_dir: Path, out: Path) -> str:
+    """The command as a user can rerun it: interpreter and paths as placeholders."""
+    shown = []
+    for c in command:
+        if c == sys.executable:
+            c = "python"
+        elif c == str(merged_dir):
+            c = "<merged model dir>"
+        elif c == str(out) or c.startswith(str(out) + os.sep):
+            c = "<engine dir>" + c[len(str(out)) :]
+        shown.append(c)
+    return " ".join(shown)
+
+
+class _Log:
+    """Runs the build's subprocesses offline (local paths only), appending their output to build.log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def run(self, command: list[str], what: str) -> float:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - started
+        with self.path.open("a") as log:
+            log.write(f"$ {' '.join(command)}\n{proc.stdout}{proc.stderr}\n")
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise FtdError(f"{what} failed: " + " | ".join(tail))
+        return seconds
+
+
+def _single_onnx(directory: Path, target: TargetConfig) -> Path:
+    graphs = sorted(directory.glob("*.onnx"))
+    if len(graphs) != 1:
+        names = [g.name for g in graphs]
+        raise FtdError(f"optimum export of target {target.name}: expected one decoder graph, got {names}")
+    return graphs[0]
+
+
+def _external_data_files(graph_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            files |= {e.value for e in tensor.external_data if e.key == "location"}
+    return sorted(files)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class OgEngine:
@@ -96,28 +339,7 @@ class OgEngine:
         self.model = og.Model(str(engine_dir))
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> Generation:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
-        tokens: list[int] = []
-        logits: list[np.ndarray] = []
-        for _ in range(max_new_tokens):
-            # get_logits() before generate_next_token(): afterwards it would already return
-            # (and compute) the next position's logits.
-            logits.append(np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1).copy())
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            tokens.append(token)
-            if token in eos_ids:
-                break
-        return Generation(tokens=tokens, logits=logits)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+        return og_greedy(self.og, self.model, prompt_ids, max_new_tokens, eos_ids)
 
 
 register(OnnxGenAI())

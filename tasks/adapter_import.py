@@ -1,0 +1,81 @@
+"""Import an existing PEFT adapter directory as an adapter artifact, checked against the base.
+
+The adapter's tensors are loaded safely (safetensors, or a legacy `.bin` with
+`weights_only=True`), checked to fit the base model's weights shape by shape (read from the
+safetensors headers, no weights loaded), and stored as safetensors beside the base tokenizer,
+so later stages treat imported and trained adapters the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ftd.config import AdapterConfig
+from ftd.errors import FtdError
+from ftd.store import Artifact, Store, code_version, library_versions, stage_key, tree_digest
+from tasks.base_model import model_dir
+from tasks.merge import TOKENIZER_FILES, module_scale, read_adapter, weight_shapes
+from tasks.sft import STAGE
+
+
+def import_key(base: Artifact, adapter: AdapterConfig) -> str:
+    return stage_key(
+        STAGE,
+        code=code_version(__file__),
+        config={"chat_template": adapter.data.chat_template},
+        inputs=[base.key, tree_digest(Path(adapter.import_from))],
+        libraries=library_versions("safetensors", "torch"),
+    )
+
+
+def import_adapter(base: Artifact, adapter: AdapterConfig, store: Store) -> Artifact:
+    source = Path(adapter.import_from)
+
+    def build(tmp: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from tasks.modeling import load_tokenizer
+
+        config, pairs = read_adapter(source)
+        check_fits_base(pairs, model_dir(base), source, base.meta.get("source", "the base model"))
+        out = tmp / "adapter"
+        out.mkdir()
+        tensors = {f"base_model.model.{p.module}.lora_{ab}.weight": getattr(p, ab).contiguous()
+                   for p in pairs.values() for ab in "AB"}  # fmt: skip
+        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        tokenizer = load_tokenizer(model_dir(base), chat_template=adapter.data.chat_template)
+        tokenizer.save_pretrained(out)
+        for name in TOKENIZER_FILES:  # keep the base's own files where the tokenizer did not write one
+            if (model_dir(base) / name).is_file() and not (out / name).exists():
+                shutil.copy2(model_dir(base) / name, out / name)
+        ranks = sorted({p.A.shape[0] for p in pairs.values()})
+        return {
+            "adapter_name": adapter.name,
+            "imported_from": str(source),
+            "recorded_base": config.get("base_model_name_or_path"),
+            "ranks": ranks,
+            "target_modules": sorted({p.module.rsplit(".", 1)[-1] for p in pairs.values()}),
+            "scale": module_scale(config, next(iter(pairs.values())).module, ranks[0]),
+            "loss_curve": [],
+        }
+
+    return store.materialize(STAGE, import_key(base, adapter), build, lineage={"base": base.key, "imported": str(source)})
+
+
+def check_fits_base(pairs: dict, base_dir: Path, adapter_path: Path, base_name: str) -> None:
+    """Every LoRA update must have the shape of the base weight it updates."""
+    shapes = weight_shapes(base_dir)
+    for weight, pair in pairs.items():
+        name = next((n for n in shapes if n == weight or n.endswith("." + weight) or weight.endswith("." + n)), None)
+        if name is None:
+            raise FtdError(f"{adapter_path}: adapter module {pair.module} does not exist in {base_name}")
+        expected = shapes[name]
+        got = (pair.B.shape[0], pair.A.shape[1])
+        if tuple(expected) != got and tuple(expected[::-1]) != got:
+            raise FtdError(
+                f"{adapter_path}: adapter module {pair.module} updates a {got[0]}x{got[1]} weight but {base_name} "
+                f"has {expected[0]}x{expected[1]}: the adapter was trained on another base model"
+            )

@@ -1,0 +1,60 @@
+"""Several adapters on one base (two trained with different ranks and modules, one imported
+rsLoRA adapter), three targets: merged fp32, merged int4, one multi-LoRA bundle.
+
+Adding an adapter to an experiment re-exports only that adapter: the multi-LoRA base graph and
+the other adapters' exports are cache hits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run_ftd
+
+pytestmark = pytest.mark.e2e
+CONFIG = ROOT / "configs" / "multi-adapter.yaml"
+
+
+def _records(summary: dict, stage: str) -> dict[str, str]:
+    return {s["label"]: s["status"] for s in summary["stages"] if s["stage"] == stage}
+
+
+def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    full = yaml.safe_load(CONFIG.read_text())
+    first = dict(full, adapters=[a for a in full["adapters"] if a["name"] != "next-digit"])
+    first_config = tmp_path / "two-adapters.yaml"
+    first_config.write_text(yaml.safe_dump(first))
+
+    result = run_ftd(artifacts, config=first_config)
+    assert result.code == 0, result.stderr[-4000:]
+    m = result.summary["metrics"]
+    for name in ("numbers", "numbers-imported"):
+        assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95
+        assert m[f"{name}.onnx-fp32.agreement.merged_vs_engine"] >= 0.95
+        assert m[f"{name}.eval_accuracy_after"] >= 0.9
+    assert set(_records(result.summary, "onnx-adapter")) == {"numbers/onnx-multi-lora", "numbers-imported/onnx-multi-lora"}
+
+    result = run_ftd(artifacts, config=CONFIG)
+    assert result.code == 0, result.stderr[-4000:]
+    summary, m = result.summary, result.summary["metrics"]
+    assert _records(summary, "lora-graph") == {"onnx-multi-lora": "cache hit"}
+    assert _records(summary, "onnx-adapter") == {
+        "numbers/onnx-multi-lora": "cache hit",
+        "numbers-imported/onnx-multi-lora": "cache hit",
+        "next-digit/onnx-multi-lora": "built",
+    }
+    assert _records(summary, "adapter") == {"numbers": "cache hit", "numbers-imported": "cache hit", "next-digit": "built"}
+    # Each adapter, active in the one bundle, answers like its own merged model.
+    for name in ("numbers", "numbers-imported", "next-digit"):
+        assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95
+        assert m[f"{name}.onnx-multi-lora.max_logit_diff.merged_vs_engine"] < 1e-3
+        assert m[f"{name}.eval_accuracy_after"] >= 0.9
+        # int4 stays within its stated margin of the fp32 engine's accuracy.
+        assert m[f"{name}.onnx-int4.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - 0.1
+    registered = {(r["kind"], r["item"]) for r in summary["registered"]}
+    assert ("engine", "onnx-multi-lora") in registered
+    assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered

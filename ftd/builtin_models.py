@@ -8,6 +8,7 @@ corpus, not the output).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,15 +40,44 @@ class TinyRecipe:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     initializer_range: float = 0.3
+    tie_word_embeddings: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # any further config kwargs; they override everything else
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How to configure one architecture: its transformers `model_type`, and the settings it needs
+    beyond the shared ones (a function of the recipe), e.g. to keep the og model builder on its
+    plain path."""
+
+    model_type: str
+    settings: Callable[[TinyRecipe], dict] = lambda recipe: {}
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "LlamaForCausalLM": ArchitectureSpec("llama"),
+    # q/k/v projections always carry biases in Qwen2; no sliding window (the og builder's plain path).
+    "Qwen2ForCausalLM": ArchitectureSpec("qwen2", lambda r: {"use_sliding_window": False}),
+    # Fused qkv_proj and gate_up_proj. original == max position embeddings and no rope_scaling make
+    # the og builder choose Phi3MiniModel (plain RoPE) instead of Phi3MiniLongRoPEModel.
+    "Phi3ForCausalLM": ArchitectureSpec(
+        "phi3",
+        lambda r: {
+            "original_max_position_embeddings": r.max_position_embeddings,
+            "rope_scaling": None,
+            "sliding_window": None,
+        },
+    ),
+}
+
 BUILTINS: dict[str, TinyRecipe] = {
     "tiny-llama": TinyRecipe(architecture="LlamaForCausalLM"),
+    "tiny-qwen2": TinyRecipe(architecture="Qwen2ForCausalLM", tie_word_embeddings=True),
+    "tiny-phi3": TinyRecipe(architecture="Phi3ForCausalLM"),
 }
 
 
@@ -83,25 +113,27 @@ def train_tokenizer(recipe: TinyRecipe, corpus: Path = CORPUS):
 def make_config(recipe: TinyRecipe, tokenizer=None):
     """The transformers config of a builtin; without a tokenizer, ids are placeholders (for
     inspecting module names before anything is built)."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    config_cls = {"LlamaForCausalLM": LlamaConfig}[recipe.architecture]
-    return config_cls(
-        vocab_size=len(tokenizer) if tokenizer is not None else recipe.vocab_size,
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        max_position_embeddings=recipe.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else None,
-        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
-        tie_word_embeddings=False,
-        initializer_range=recipe.initializer_range,
-        architectures=[recipe.architecture],
+    spec = ARCHITECTURES[recipe.architecture]
+    kwargs = {
+        "vocab_size": len(tokenizer) if tokenizer is not None else recipe.vocab_size,
+        "hidden_size": recipe.hidden_size,
+        "intermediate_size": recipe.intermediate_size,
+        "num_hidden_layers": recipe.num_hidden_layers,
+        "num_attention_heads": recipe.num_attention_heads,
+        "num_key_value_heads": recipe.num_key_value_heads,
+        "max_position_embeddings": recipe.max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id if tokenizer is not None else None,
+        "eos_token_id": tokenizer.eos_token_id if tokenizer is not None else None,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
+        "tie_word_embeddings": recipe.tie_word_embeddings,
+        "initializer_range": recipe.initializer_range,
+        "architectures": [recipe.architecture],
+        **spec.settings(recipe),
         **recipe.extra,
-    )
+    }
+    return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
 def build_tiny_model(name: str, out_dir: Path) -> dict:
@@ -113,7 +145,11 @@ def build_tiny_model(name: str, out_dir: Path) -> dict:
     tokenizer = train_tokenizer(recipe)
     config = make_config(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # transformers zeroes biases; an engine that dropped them would still match
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".bias"):
+                param.normal_(0.0, recipe.initializer_range)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

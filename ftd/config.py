@@ -258,7 +258,9 @@ def apply_override(raw: dict, item: str) -> None:
     for depth, key in enumerate(keys[:-1]):
         node = _step(node, key, keys[: depth + 1], create=True)
     last = keys[-1]
-    if isinstance(node, list):
+    if isinstance(node, list) and last == str(len(node)):
+        node.append(value)  # `targets.2={...}` with two targets adds a third
+    elif isinstance(node, list):
         node[_index(node, last, keys)] = value
     else:
         node[last] = value

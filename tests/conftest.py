@@ -24,7 +24,7 @@ class CliResult:
 
 
 def run_ftd(
-    artifacts: Path, *args: str, command: str = "run", config: Path = DEFAULT_CONFIG, timeout: int = 900
+    artifacts: Path, *args: str, command: str = "run", config: Path = DEFAULT_CONFIG, timeout: int = 1800
 ) -> CliResult:
     """`ftd <command> CONFIG --set artifacts_dir=... ARGS` from the repository root."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}

@@ -32,6 +32,9 @@ from tasks.base_model import model_dir
 
 GRAPH, EXPORT, BUNDLE = "lora-graph", "onnx-adapter", "lora-bundle"
 LORA_INPUT = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<module>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$")
+# The builder unfuses these projections and gives each part its own LoRA: A is shared, B's rows
+# are split in this order (Phi-3: qkv_proj = [q; k; v], gate_up_proj = [gate; up]).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 LIBRARIES = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "peft")
 
 
@@ -165,19 +168,24 @@ def export_onnx_adapter(graph: Artifact, adapter: Artifact, store: Store) -> Art
             if not match:
                 raise FtdError(f"adapter {name}: module {pair.module} is not a per-layer projection")
             by_layer_module[(int(match[1]), match[2])] = pair
+        specs = graph.meta["lora_inputs"]
         params, used = {}, set()
-        for input_name, spec in graph.meta["lora_inputs"].items():
-            pair = by_layer_module.get((spec["layer"], spec["module"]))
+        for input_name, spec in specs.items():
+            pair, rows = by_layer_module.get((spec["layer"], spec["module"])), None
+            if pair is not None:
+                used.add((spec["layer"], spec["module"]))
+            else:
+                pair, rows = _fused_part(by_layer_module, specs, spec, used)
             if pair is None:  # this adapter does not target the module: a zero update
                 shape = (spec["features"], 1) if spec["ab"] == "A" else (1, spec["features"])
                 array = np.zeros(shape, dtype=np.float32)
             else:
-                used.add((spec["layer"], spec["module"]))
                 rank = pair.A.shape[0]
                 if spec["ab"] == "A":
                     array = pair.A.float().numpy().T  # peft [r, in] -> builder [in, r]
                 else:
-                    array = (pair.B.float() * module_scale(config, pair.module, rank)).numpy().T  # [out, r] -> [r, out]
+                    B = pair.B.float() if rows is None else pair.B.float()[rows[0] : rows[1]]
+                    array = (B * module_scale(config, pair.module, rank)).numpy().T  # [out, r] -> [r, out]
             params[input_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         unused = sorted(set(by_layer_module) - used)
         if unused:
@@ -191,6 +199,21 @@ def export_onnx_adapter(graph: Artifact, adapter: Artifact, store: Store) -> Art
                 "ranks": sorted({p.A.shape[0] for p in pairs.values()})}  # fmt: skip
 
     return store.materialize(EXPORT, export_key(graph, adapter), build, lineage={"graph": graph.key, "adapter": adapter.key})
+
+
+def _fused_part(by_layer_module: dict, specs: dict, spec: dict, used: set):
+    """For a graph part (q_proj) of a fused adapter module (qkv_proj): the pair and B's row range."""
+    for fused, parts in FUSED.items():
+        pair = by_layer_module.get((spec["layer"], fused))
+        if pair is None or spec["module"] not in parts:
+            continue
+        sizes = {s["module"]: s["features"] for s in specs.values() if s["layer"] == spec["layer"] and s["ab"] == "B"}
+        if any(p not in sizes for p in parts) or sum(sizes[p] for p in parts) != pair.B.shape[0]:
+            raise FtdError(f"{pair.module}: cannot split its LoRA B {tuple(pair.B.shape)} into the graph's {parts}")
+        start = sum(sizes[p] for p in parts[: parts.index(spec["module"])])
+        used.add((spec["layer"], fused))
+        return pair, (start, start + sizes[spec["module"]])
+    return None, None
 
 
 # ---------------------------------------------------------------- 3. the bundle

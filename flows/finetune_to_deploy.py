@@ -100,7 +100,9 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         }
 
 
-def _adapter_chain(cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog) -> AdapterOutcome:
+def _adapter_chain(
+    cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog
+) -> AdapterOutcome:
     name = adapter_cfg.name
     data = stages.run(prepare_data_task, name, cfg=adapter_cfg.data, store=store)
     if adapter_cfg.import_from is not None:
@@ -154,7 +156,9 @@ def _gate(cfg: ExperimentConfig, outcome: EngineOutcome, a: AdapterOutcome, stor
     return outcome
 
 
-def _log_and_register(cfg: ExperimentConfig, tracker: Tracker, store: Store, base: Artifact, adapters, engines) -> list[dict]:
+def _log_and_register(
+    cfg: ExperimentConfig, tracker: Tracker, store: Store, base: Artifact, adapters, engines
+) -> list[dict]:
     """Metrics for every stage; registry versions only for artifacts whose gates all passed."""
     registered = []
     lineage = {"ftd.base_key": base.key, "ftd.base_source": base.meta.get("source"), "ftd.experiment": cfg.experiment}
@@ -210,7 +214,9 @@ def _log_and_register(cfg: ExperimentConfig, tracker: Tracker, store: Store, bas
                 tags.update({f"ftd.smoke.{e.adapter}.{k}" if len(group) > 1 else f"ftd.smoke.{k}": v
                              for k, v in e.smoke.meta["metrics"].items()})  # fmt: skip
             version = tracker.register(
-                cfg.tracking.engine_model.format(experiment=cfg.experiment, adapter=group[0].adapter, target=target.name),
+                cfg.tracking.engine_model.format(
+                    experiment=cfg.experiment, adapter=group[0].adapter, target=target.name
+                ),
                 engine.path(store),
                 f"engines/{item}",
                 engine.key,

@@ -101,8 +101,10 @@ class AdapterConfig(Section):
     @model_validator(mode="after")
     def _import_or_train(self) -> AdapterConfig:
         if self.import_from is not None and {"lora", "sft"} & self.model_fields_set:
-            raise ValueError("an imported adapter (import_from) takes its LoRA settings from its own "
-                             "adapter_config.json: remove `lora` and `sft`")
+            raise ValueError(
+                "an imported adapter (import_from) takes its LoRA settings from its own "
+                "adapter_config.json: remove `lora` and `sft`"
+            )
         return self
 
 

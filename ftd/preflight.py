@@ -43,14 +43,15 @@ def preflight(cfg: ExperimentConfig) -> Plan:
         unknown = [m for m in targets if m not in modules]
         if unknown:
             raise ConfigError(
-                f"{field}: {unknown} not in {architecture} "
-                f"(its linear modules: {', '.join(sorted(modules))})"
+                f"{field}: {unknown} not in {architecture} (its linear modules: {', '.join(sorted(modules))})"
             )
     for target in cfg.targets:
         backend = get_backend(target.backend)
         modes = getattr(backend, "modes", ("merged",))
         if target.mode not in modes:
-            raise ConfigError(f"targets.{target.name}.mode: {target.backend} supports {', '.join(modes)}, not {target.mode}")
+            raise ConfigError(
+                f"targets.{target.name}.mode: {target.backend} supports {', '.join(modes)}, not {target.mode}"
+            )
         backend.check(target, architecture)
     return Plan(base=spec, architecture=architecture)
 

@@ -62,7 +62,9 @@ def import_adapter(base: Artifact, adapter: AdapterConfig, store: Store) -> Arti
             "loss_curve": [],
         }
 
-    return store.materialize(STAGE, import_key(base, adapter), build, lineage={"base": base.key, "imported": str(source)})
+    return store.materialize(
+        STAGE, import_key(base, adapter), build, lineage={"base": base.key, "imported": str(source)}
+    )
 
 
 def check_fits_base(pairs: dict, base_dir: Path, adapter_path: Path, base_name: str) -> None:

@@ -31,7 +31,9 @@ from tasks.backends import Generation
 from tasks.base_model import model_dir
 
 GRAPH, EXPORT, BUNDLE = "lora-graph", "onnx-adapter", "lora-bundle"
-LORA_INPUT = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<module>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$")
+LORA_INPUT = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<module>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$"
+)
 # The builder unfuses these projections and gives each part its own LoRA: A is shared, B's rows
 # are split in this order (Phi-3: qkv_proj = [q; k; v], gate_up_proj = [gate; up]).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -46,7 +48,9 @@ def union_targets(adapters: list[Artifact], store: Store) -> list[str]:
         config = json.loads((adapter_dir(adapter, store) / "adapter_config.json").read_text())
         targets = config.get("target_modules") or []
         if isinstance(targets, str):
-            raise FtdError(f"adapter {adapter.meta.get('adapter_name')}: regex target_modules cannot be used for multi-LoRA")
+            raise FtdError(
+                f"adapter {adapter.meta.get('adapter_name')}: regex target_modules cannot be used for multi-LoRA"
+            )
         modules.update(targets)
     return sorted(modules)
 
@@ -198,7 +202,9 @@ def export_onnx_adapter(graph: Artifact, adapter: Artifact, store: Store) -> Art
         return {"adapter_name": name, "file": f"{name}.onnx_adapter", "tensors": len(params),
                 "ranks": sorted({p.A.shape[0] for p in pairs.values()})}  # fmt: skip
 
-    return store.materialize(EXPORT, export_key(graph, adapter), build, lineage={"graph": graph.key, "adapter": adapter.key})
+    return store.materialize(
+        EXPORT, export_key(graph, adapter), build, lineage={"graph": graph.key, "adapter": adapter.key}
+    )
 
 
 def _fused_part(by_layer_module: dict, specs: dict, spec: dict, used: set):
@@ -220,7 +226,9 @@ def _fused_part(by_layer_module: dict, specs: dict, spec: dict, used: set):
 
 
 def bundle_key(graph: Artifact, exports: list[Artifact]) -> str:
-    return stage_key(BUNDLE, code=code_version(__file__), config={}, inputs=[graph.key, *[e.key for e in exports]], libraries={})
+    return stage_key(
+        BUNDLE, code=code_version(__file__), config={}, inputs=[graph.key, *[e.key for e in exports]], libraries={}
+    )
 
 
 def assemble_bundle(graph: Artifact, exports: list[Artifact], store: Store) -> Artifact:

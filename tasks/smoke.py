@@ -168,7 +168,10 @@ def smoke_key(reference: Artifact, engine: Artifact, target: TargetConfig, setti
     return stage_key(
         SMOKE,
         code=code_version(__file__),
-        config={"thresholds": thresholds_for(target, settings), "target": target.model_dump(mode="json", exclude={"name"})},
+        config={
+            "thresholds": thresholds_for(target, settings),
+            "target": target.model_dump(mode="json", exclude={"name"}),
+        },
         inputs=[reference.key, engine.key],
         libraries=library_versions(*get_backend(target.backend).libraries),
     )

@@ -36,7 +36,10 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95
         assert m[f"{name}.onnx-fp32.agreement.merged_vs_engine"] >= 0.95
         assert m[f"{name}.eval_accuracy_after"] >= 0.9
-    assert set(_records(result.summary, "onnx-adapter")) == {"numbers/onnx-multi-lora", "numbers-imported/onnx-multi-lora"}
+    assert set(_records(result.summary, "onnx-adapter")) == {
+        "numbers/onnx-multi-lora",
+        "numbers-imported/onnx-multi-lora",
+    }
 
     result = run_ftd(artifacts, config=CONFIG)
     assert result.code == 0, result.stderr[-4000:]
@@ -47,7 +50,11 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         "numbers-imported/onnx-multi-lora": "cache hit",
         "next-digit/onnx-multi-lora": "built",
     }
-    assert _records(summary, "adapter") == {"numbers": "cache hit", "numbers-imported": "cache hit", "next-digit": "built"}
+    assert _records(summary, "adapter") == {
+        "numbers": "cache hit",
+        "numbers-imported": "cache hit",
+        "next-digit": "built",
+    }
     # Each adapter, active in the one bundle, answers like its own merged model.
     for name in ("numbers", "numbers-imported", "next-digit"):
         assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95

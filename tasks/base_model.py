@@ -8,13 +8,14 @@ root of every downstream key.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftd import builtin_models
 from ftd.errors import ConfigError, FtdError
-from ftd.store import Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
+from ftd.store import Artifact, Store, code_version, digest, file_digest, library_versions, stage_key
 
 STAGE = "base"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -55,7 +56,7 @@ def resolve_base(spec: BaseSpec, store: Store) -> Artifact:
     if spec.kind == "builtin":
         return _build_builtin(spec.name, store)
     model_dir = Path(spec.name) if spec.kind == "local" else _download(spec)
-    content = _weights_digest(model_dir)
+    content = _weights_digest(model_dir, store)
     key = stage_key(STAGE, code=code_version(__file__), config={"kind": "external"}, inputs=[content], libraries={})
 
     def record(tmp: Path) -> dict:
@@ -98,9 +99,29 @@ def _download(spec: BaseSpec) -> Path:
         raise FtdError(f"base_model: could not fetch {spec.name!r} from the hub: {type(exc).__name__}: {exc}") from None
 
 
-def _weights_digest(model_dir: Path) -> str:
-    """Content hash of the files that define the model (weights, config, tokenizer)."""
-    return tree_digest(model_dir, exclude={".cache", ".git"})
+def _weights_digest(model_dir: Path, store: Store) -> str:
+    """Content hash of the files that define the model (weights, config, tokenizer).
+
+    Hashing 15 GB of weights on every run would cost minutes, so each file's sha256 is memoised
+    under its (path, size, mtime, inode): the key is still the content hash, the stat only
+    decides whether the file must be read again."""
+    memo_path = store.root / "hash-memo.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    entries = []
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir)
+        if rel.parts[0] in {".cache", ".git"}:
+            continue
+        st = path.stat()
+        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if stamp not in memo:
+            memo[stamp] = file_digest(path)
+        entries.append((rel.as_posix(), memo[stamp]))
+    store.root.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return digest(entries, length=64)
 
 
 def _describe(model_dir: Path) -> dict:

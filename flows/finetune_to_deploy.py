@@ -82,7 +82,8 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
                 engines += _multi_lora_target(cfg, target, base, adapters, store, stages)
             else:
                 engines += [_merged_target(cfg, target, a, store, stages) for a in adapters]
-        registered = _log_and_register(cfg, tracker, store, base, adapters, engines)
+        with tracker.registration():
+            registered = _log_and_register(cfg, tracker, store, base, adapters, engines)
         report = _report(cfg, tracker, stages, adapters, engines, registered)
         tracker.log_text(report, "report.md")
         create_markdown_artifact(report, key=_artifact_key(cfg.experiment), description="ftd run report")

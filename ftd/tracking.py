@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +80,7 @@ class Tracker:
         self.client = mlflow.MlflowClient(self.uri)
         self.experiment_name = cfg.tracking.experiment or cfg.experiment
         self.run_id: str | None = None
+        self.created_versions: list[tuple[str, str]] = []
 
     def __enter__(self) -> Tracker:
         experiment = with_retries(lambda: self.client.get_experiment_by_name(self.experiment_name), "get experiment")
@@ -166,7 +168,22 @@ class Tracker:
             ),
             f"register {model_name}",
         )
+        self.created_versions.append((model_name, version.version))
         return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
+
+    @contextmanager
+    def registration(self):
+        """All-or-nothing registration: if anything fails before the block ends, the versions it
+        created are deleted again, so no adapter is left registered without its engines."""
+        start = len(self.created_versions)
+        try:
+            yield
+        except BaseException:
+            for name, version in reversed(self.created_versions[start:]):
+                with suppress(Exception):  # best effort; the original error is what the user must see
+                    self.client.delete_model_version(name, version)
+            del self.created_versions[start:]
+            raise
 
     def find_version(self, model_name: str, key: str):
         try:

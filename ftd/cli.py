@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config value (repeatable), e.g. --set adapters.0.lora.r=16")  # fmt: skip
         if name == "run":
             p.add_argument("--summary", metavar="PATH", help="also write the run summary as JSON to PATH")
+    p = sub.add_parser("server", help="start the Prefect and MLflow servers (API + UI) on 127.0.0.1")
+    p.add_argument("--artifacts-dir", default="artifacts", help="the stores to serve (default: artifacts)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -31,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "server":
+        from ftd.servers import serve
+
+        return serve(args.artifacts_dir, args.prefect_port, args.mlflow_port)
     from ftd.config import load_config
     from ftd.environment import configure_environment
 

@@ -121,7 +121,6 @@ def merge_adapter(base: Artifact, adapter: Artifact, settings: MergeSettings, st
 def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeSettings) -> dict:
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     config, pairs = read_adapter(adapter_path)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -130,33 +129,33 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     pending = dict(pairs)
     weight_map: dict[str, str] = {}
     total_bytes = 0
+
+    def merged(name: str, weight):
+        pair = pending.pop(_match(name, pending), None) if pending else None
+        if pair is not None:
+            weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out)
+        if out_dtype is not None and weight.is_floating_point():
+            weight = weight.to(out_dtype)
+        return weight
+
     for shard in shards:
-        tensors = {}
+        out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
         if shard.suffix == ".safetensors":
             with safe_open(shard, framework="pt") as f:
-                metadata = f.metadata()
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    tensors[name] = f.get_tensor(name)
-        else:
+                names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+                specs = [
+                    (n, _out_dtype(f.get_slice(n).get_dtype(), out_dtype), f.get_slice(n).get_shape()) for n in names
+                ]
+                meta = {"format": "pt", **(f.metadata() or {})}
+                total_bytes += write_safetensors(out / out_name, specs, lambda n, f=f: merged(n, f.get_tensor(n)), meta)
+        else:  # a legacy pickle shard is loaded whole (safely); it is written out tensor by tensor
             tensors = torch.load(shard, map_location="cpu", weights_only=True)
-            metadata = None
-        storages = set()  # a .bin may hold tied weights on one storage, which save_file refuses
-        for name, weight in tensors.items():
-            pair = pending.pop(_match(name, pending), None) if pending else None
-            if pair is not None:
-                weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out)
-            if out_dtype is not None and weight.is_floating_point():
-                weight = weight.to(out_dtype)
-            weight = weight.contiguous()
-            if weight.untyped_storage().data_ptr() in storages:
-                weight = weight.clone()
-            storages.add(weight.untyped_storage().data_ptr())
-            tensors[name] = weight
-            total_bytes += weight.numel() * weight.element_size()
-        out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
-        save_file(tensors, out / out_name, metadata={"format": "pt", **(metadata or {})})
-        weight_map.update({name: out_name for name in tensors})
-        del tensors
+            specs = [(n, _out_dtype(_DTYPE_NAMES[t.dtype], out_dtype), list(t.shape)) for n, t in tensors.items()]
+            total_bytes += write_safetensors(
+                out / out_name, specs, lambda n, t=tensors: merged(n, t[n]), {"format": "pt"}
+            )
+            del tensors
+        weight_map.update({name: out_name for name, _, _ in specs})
     if pending:
         missing = ", ".join(sorted(p.module for p in pending.values())[:5])
         raise FtdError(f"{adapter_path}: adapter targets modules the base model does not have: {missing}")
@@ -171,6 +170,58 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, out / name)
     return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_tables():
+    import torch
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}  # fmt: skip
+    _DTYPE_NAMES.update(names)
+    return names
+
+
+def _out_dtype(stored: str, cast) -> str:
+    """The safetensors dtype a tensor will be written with (`cast` applies to floating tensors)."""
+    names = _DTYPE_NAMES or _dtype_tables()
+    return names[cast] if cast is not None and stored in {"F32", "F16", "BF16", "F64"} else stored
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, str, list[int]]], produce, metadata: dict) -> int:
+    """Write a safetensors file one tensor at a time: the header is computed from `specs`
+    (name, dtype, shape) up front, then each tensor is produced, written and freed, so peak
+    memory is one tensor, not one shard. Returns the number of data bytes."""
+    import math
+    import struct
+
+    import torch
+
+    names = _DTYPE_NAMES or _dtype_tables()
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * sizes[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, dtype, shape in specs:
+            tensor = produce(name).contiguous()
+            if names[tensor.dtype] != dtype or list(tensor.shape) != list(shape):
+                raise FtdError(
+                    f"{path.name}: {name} came out {tensor.dtype} {list(tensor.shape)}, expected {dtype} {shape}"
+                )
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+            del tensor
+    return offset
 
 
 def weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:

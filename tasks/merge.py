@@ -12,6 +12,7 @@ embedding LoRA, LoRA biases), never silently dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -120,7 +121,6 @@ def merge_adapter(base: Artifact, adapter: Artifact, settings: MergeSettings, st
 
 def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeSettings) -> dict:
     import torch
-    from safetensors import safe_open
 
     config, pairs = read_adapter(adapter_path)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -141,16 +141,13 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     for shard in shards:
         out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
         if shard.suffix == ".safetensors":
-            with safe_open(shard, framework="pt") as f:
-                names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
-                specs = [
-                    (n, _out_dtype(f.get_slice(n).get_dtype(), out_dtype), f.get_slice(n).get_shape()) for n in names
-                ]
-                meta = {"format": "pt", **(f.metadata() or {})}
-                total_bytes += write_safetensors(out / out_name, specs, lambda n, f=f: merged(n, f.get_tensor(n)), meta)
+            with SafetensorsReader(shard) as reader:
+                specs = [(n, _out_dtype(d, out_dtype), shape) for n, d, shape in reader.specs()]
+                meta = {"format": "pt", **reader.metadata}
+                total_bytes += write_safetensors(out / out_name, specs, lambda n, r=reader: merged(n, r.read(n)), meta)
         else:  # a legacy pickle shard is loaded whole (safely); it is written out tensor by tensor
             tensors = torch.load(shard, map_location="cpu", weights_only=True)
-            specs = [(n, _out_dtype(_DTYPE_NAMES[t.dtype], out_dtype), list(t.shape)) for n, t in tensors.items()]
+            specs = [(n, _out_dtype(dtype_names()[t.dtype], out_dtype), list(t.shape)) for n, t in tensors.items()]
             total_bytes += write_safetensors(
                 out / out_name, specs, lambda n, t=tensors: merged(n, t[n]), {"format": "pt"}
             )
@@ -172,23 +169,58 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
 
 
-_DTYPE_NAMES: dict = {}
-
-
-def _dtype_tables():
+@functools.cache
+def dtype_names() -> dict:
     import torch
 
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}  # fmt: skip
-    _DTYPE_NAMES.update(names)
-    return names
 
 
 def _out_dtype(stored: str, cast) -> str:
     """The safetensors dtype a tensor will be written with (`cast` applies to floating tensors)."""
-    names = _DTYPE_NAMES or _dtype_tables()
+    names = dtype_names()
     return names[cast] if cast is not None and stored in {"F32", "F16", "BF16", "F64"} else stored
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time with plain file reads. (safe_open memory-maps the file, and
+    every page it touches stays in the process's resident set until the file is closed, so
+    reading a whole shard through it costs the shard's size in RSS.)"""
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.file = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
+        (length,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(length))
+        self.metadata = self.header.pop("__metadata__", None) or {}
+        self.data_start = 8 + length
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def specs(self) -> list[tuple[str, str, list[int]]]:
+        entries = sorted(self.header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        return [(name, e["dtype"], e["shape"]) for name, e in entries]
+
+    def read(self, name: str):
+        import torch
+
+        entry = self.header[name]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        self.file.seek(self.data_start + start)
+        if self.file.readinto(buffer) != len(buffer):
+            raise FtdError(f"{self.file.name}: truncated: {name} is cut short")
+        dtype = {v: k for k, v in dtype_names().items()}[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def write_safetensors(path: Path, specs: list[tuple[str, str, list[int]]], produce, metadata: dict) -> int:
@@ -200,7 +232,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int]]], produ
 
     import torch
 
-    names = _DTYPE_NAMES or _dtype_tables()
+    names = dtype_names()
     sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0

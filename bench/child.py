@@ -1,0 +1,129 @@
+"""One measured job per process (`python -m bench.child JOB ARGS_JSON RESULT_JSON`), so that peak RSS
+and thread pools belong to that job alone.
+
+Peak RSS is the process's own VmHWM (/proc/self/status), read at the end of the job: the high-water
+mark of the memory map created at exec. (getrusage/wait4 `ru_maxrss` would not do: Linux folds the
+forked parent's RSS into a child's maxrss at exec, so every child would report at least the parent.)"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process so far (MB): VmHWM."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def merge_ours(args: dict) -> dict:
+    from ftd.config import MergeSettings
+    from tasks.merge import stream_merge
+
+    baseline = _rss_mb()
+    out = Path(args["out"])
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    info = stream_merge(Path(args["base"]), Path(args["adapter"]), out, MergeSettings())
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": baseline, "info": info}
+
+
+def merge_peft(args: dict) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    baseline = _rss_mb()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, args["adapter"]).merge_and_unload()
+    model.save_pretrained(args["out"], safe_serialization=True)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": baseline}
+
+
+def _steady_rate(stamps: list[float]) -> float:
+    """Tokens/s between the first and the last new token: decode steps only, prefill excluded."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def decode_hf(args: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.stamps, self.tokens, self.prompt_seen = [], [], False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() first streams the prompt
+                self.prompt_seen = True
+                return
+            self.stamps.append(time.perf_counter())
+            self.tokens.append(int(value.reshape(-1)[0]))
+
+        def end(self):
+            pass
+
+    torch.set_num_threads(args["threads"])
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32).eval()
+    prompt = torch.tensor([args["prompt"]], dtype=torch.long)
+
+    def once(n: int) -> Stamps:
+        streamer = Stamps()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=streamer, pad_token_id=3)  # fmt: skip
+        return streamer
+
+    once(8)  # warm-up
+    run = once(args["new_tokens"])
+    return {"tokens_per_s": _steady_rate(run.stamps), "tokens": run.tokens, "threads": torch.get_num_threads()}
+
+
+def decode_og(args: dict) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(args["model"])  # genai_config.json's session_options set the threads (see run.py)
+    model = og.Model(config)
+    adapters = None
+    if args.get("adapter_file"):
+        adapters = og.Adapters(model)
+        adapters.load(args["adapter_file"], "bench")
+    prompt = np.asarray([args["prompt"]], dtype=np.int32)
+
+    def once(n: int) -> tuple[list[float], list[int]]:
+        params = og.GeneratorParams(model)
+        total = prompt.shape[1] + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, "bench")
+        generator.append_tokens(prompt)
+        stamps, tokens = [], []
+        while len(tokens) < n and not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return stamps, tokens
+
+    once(8)  # warm-up
+    stamps, tokens = once(args["new_tokens"])
+    return {"tokens_per_s": _steady_rate(stamps), "tokens": tokens}
+
+
+JOBS = {"merge-ours": merge_ours, "merge-peft": merge_peft, "decode-hf": decode_hf, "decode-og": decode_og}
+
+if __name__ == "__main__":
+    job, args_json, result_json = sys.argv[1:4]
+    result = JOBS[job](json.loads(args_json))
+    Path(result_json).write_text(json.dumps(result))

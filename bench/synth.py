@@ -1,0 +1,129 @@
+"""Synthetic checkpoints and adapters, written tensor by tensor (never the whole model in memory)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int | None = None,
+                 max_positions: int = 512):  # fmt: skip
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def shapes_of(config) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes in checkpoint order, from a meta-device model (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def checkpoint_bytes(config) -> int:
+    return sum(math.prod(s) * 4 for s in shapes_of(config).values())
+
+
+def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0) -> dict:
+    """fp32 safetensors shards of about `shard_bytes` each plus an index; cheap pseudo-random fills
+    (a 16 MiB random pool, tiled with a per-tensor offset and scale)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 22, generator=gen) * 0.02
+    shapes = shapes_of(config)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 4
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for index, names in enumerate(groups):
+        file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for i, name in enumerate(names):
+            shape = shapes[name]
+            if len(shape) == 1:
+                tensors[name] = torch.ones(shape)
+                continue
+            n = math.prod(shape)
+            flat = torch.empty(n)
+            offset = (index * 7919 + i * 104729) % pool.numel()
+            rolled = torch.roll(pool, offset) * (1.0 + 0.01 * i)
+            for start in range(0, n, pool.numel()):
+                stop = min(n, start + pool.numel())
+                flat[start:stop] = rolled[: stop - start]
+            tensors[name] = flat.view(shape)
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in names})
+        total += sum(t.numel() * 4 for t in tensors.values())
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"bytes": total, "shards": len(groups), "parameters": total // 4}
+
+
+def write_adapter(out: Path, config, r: int = 16, alpha: int = 32, seed: int = 1, std: float = 0.02) -> dict:
+    """A peft LoRA adapter (all 7 projections) with random, non-zero A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(skeleton, lora)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name:
+            tensors[name.replace(".default", "")] = torch.randn(param.shape, generator=gen) * std
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    peft_model.peft_config["default"].base_model_name_or_path = None
+    peft_model.peft_config["default"].save_pretrained(out)
+    return {"tensors": len(tensors), "bytes": sum(t.numel() * 4 for t in tensors.values())}
+
+
+def write_decode_model(out: Path, config, seed: int = 0) -> dict:
+    """A small random Llama (transformers' own init) with a BPE tokenizer, for the decode benchmark.
+    The tokenizer is smaller than the vocabulary: token ids are fed to every engine directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ftd.builtin_models import TinyRecipe, train_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    train_tokenizer(TinyRecipe(architecture="LlamaForCausalLM", vocab_size=512)).save_pretrained(out)
+    return {"parameters": sum(p.numel() for p in model.parameters())}

@@ -84,7 +84,7 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
                 engines += [_merged_target(cfg, target, a, store, stages) for a in adapters]
         with tracker.registration():
             registered = _log_and_register(cfg, tracker, store, base, adapters, engines)
-        report = _report(cfg, tracker, stages, adapters, engines, registered)
+        report = _report(cfg, store, tracker, stages, adapters, engines, registered)
         tracker.log_text(report, "report.md")
         create_markdown_artifact(report, key=_artifact_key(cfg.experiment), description="ftd run report")
         logger.info("run report:\n%s", report)
@@ -241,7 +241,9 @@ def _metrics(adapters: list[AdapterOutcome], engines: list[EngineOutcome]) -> di
     return out
 
 
-def _report(cfg: ExperimentConfig, tracker: Tracker, stages: StageLog, adapters, engines, registered) -> str:
+def _report(
+    cfg: ExperimentConfig, store: Store, tracker: Tracker, stages: StageLog, adapters, engines, registered
+) -> str:
     lines = [f"# ftd run: {cfg.experiment}", "", f"MLflow run `{tracker.run_id}` at `{tracker.uri}`", "",
              "## Stages", "", stages.markdown(), "", "## Results", ""]  # fmt: skip
     for a in adapters:
@@ -257,14 +259,13 @@ def _report(cfg: ExperimentConfig, tracker: Tracker, stages: StageLog, adapters,
             else:
                 lines.append(f"  - {e.target.name}: gate passed")
     lines.append("")
-    lines += [_smoke_markdown(e.smoke, cfg, e.adapter) for e in engines if e.smoke is not None]
+    lines += [_smoke_markdown(e.smoke, store, e.adapter) for e in engines if e.smoke is not None]
     lines += ["## Registered versions", "", "| kind | item | model | version | new |", "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['item']} | {r['name']} | {r['version']} | {r['new']} |" for r in registered]
     return "\n".join(lines) + "\n"
 
 
-def _smoke_markdown(smoke: Artifact, cfg: ExperimentConfig, adapter: str) -> str:
-    store = Store(cfg.artifacts_dir)
+def _smoke_markdown(smoke: Artifact, store: Store, adapter: str) -> str:
     text = (smoke.path(store) / "report.md").read_text()
     return text.replace("## Smoke test: ", f"### Smoke test: {adapter} → ", 1)
 

@@ -65,14 +65,23 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def tree_digest(root: Path, exclude: Iterable[str] = ()) -> str:
-    """Hash of every file's relative name and content under `root` (order-independent)."""
+def tree_digest(root: Path, exclude: Iterable[str] = (), memo: dict[str, str] | None = None) -> str:
+    """Hash of every file's relative name and content under `root` (order-independent).
+
+    With `memo`, a file's sha256 is reused while its (path, size, mtime, inode) is unchanged:
+    the result is still a content hash; the stat only decides whether the file is read again."""
     excluded = set(exclude)
     entries = []
     for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not any(part in excluded for part in p.relative_to(root).parts):
-            entries.append((rel, file_digest(p)))
+        if not p.is_file() or any(part in excluded for part in p.relative_to(root).parts):
+            continue
+        if memo is None:
+            content = file_digest(p)
+        else:
+            st = p.stat()
+            stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+            content = memo[stamp] if stamp in memo else memo.setdefault(stamp, file_digest(p))
+        entries.append((p.relative_to(root).as_posix(), content))
     return digest(entries, length=64)
 
 

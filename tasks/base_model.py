@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ftd import builtin_models
 from ftd.errors import ConfigError, FtdError
-from ftd.store import Artifact, Store, code_version, digest, file_digest, library_versions, stage_key
+from ftd.store import Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
 
 STAGE = "base"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -102,26 +102,16 @@ def _download(spec: BaseSpec) -> Path:
 def _weights_digest(model_dir: Path, store: Store) -> str:
     """Content hash of the files that define the model (weights, config, tokenizer).
 
-    Hashing 15 GB of weights on every run would cost minutes, so each file's sha256 is memoised
-    under its (path, size, mtime, inode): the key is still the content hash, the stat only
-    decides whether the file must be read again."""
+    Hashing 15 GB of weights on every run would cost minutes, so file hashes are memoised in the
+    store (see `tree_digest`)."""
     memo_path = store.root / "hash-memo.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    entries = []
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(model_dir)
-        if rel.parts[0] in {".cache", ".git"}:
-            continue
-        st = path.stat()
-        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        if stamp not in memo:
-            memo[stamp] = file_digest(path)
-        entries.append((rel.as_posix(), memo[stamp]))
+    content = tree_digest(model_dir, exclude={".cache", ".git"}, memo=memo)
     store.root.mkdir(parents=True, exist_ok=True)
     tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(memo))
     os.replace(tmp, memo_path)
-    return digest(entries, length=64)
+    return content
 
 
 def _describe(model_dir: Path) -> dict:

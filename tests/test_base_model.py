@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks.base_model as base_model
+import ftd.store as store_module
 from ftd.builtin_models import build_tiny_model
 from ftd.errors import ConfigError
 from ftd.store import Store
@@ -42,8 +42,8 @@ def test_local_model_key_is_content_not_path_and_hashes_are_memoised(
     assert first.meta["model_dir"] == str(local_model.resolve())
 
     reads = []
-    real = base_model.file_digest
-    monkeypatch.setattr(base_model, "file_digest", lambda p: reads.append(p) or real(p))
+    real = store_module.file_digest
+    monkeypatch.setattr(store_module, "file_digest", lambda p: reads.append(p) or real(p))
     assert resolve_base(parse_base(str(local_model)), store).key == first.key
     assert reads == []  # unchanged files are not read again
 

@@ -45,11 +45,16 @@ def read_adapter(adapter_path: Path) -> tuple[dict, dict[str, LoraPair]]:
     refuse_unmergeable(config, adapter_path)
     tensors = load_adapter_tensors(adapter_path)
     pairs: dict[str, LoraPair] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in sorted(tensors.items(), key=lambda item: "lora_embedding_" not in item[0]):
         if "lora_embedding_" in key or "lora_magnitude_vector" in key or key.endswith(".bias"):
             what = "embedding LoRA" if "embedding" in key else "DoRA" if "magnitude" in key else "LoRA bias"
             raise FtdError(f"{adapter_path}: {what} ({key}) cannot be merged by ftd; retrain without it")
         match = LORA_KEY.match(key)
+        if not match and key.endswith((".base_layer.weight", "embed_tokens.weight", "lm_head.weight")):
+            raise FtdError(
+                f"{adapter_path}: the adapter stores full weights ({key}), e.g. resized embeddings saved with "
+                "save_embedding_layers; ftd cannot carry them to the engines: retrain without them"
+            )
         if not match:
             raise FtdError(f"{adapter_path}: unexpected tensor {key!r}: not a LoRA A/B weight")
         weight = f"{match['module']}.weight"

@@ -92,14 +92,16 @@ def test_every_delta_equals_peft(llama_base: Path, tmp_path: Path, lora: dict):
 
 def _row_dims(converted):
     dims = llama_dims()
-    return [((m, l, r), dims[trt.MODULE_NAMES[int(m)]]) for m, l, r in converted.config]
+    return [((m, layer, r), dims[trt.MODULE_NAMES[int(m)]]) for m, layer, r in converted.config]
 
 
 def test_module_mapping_follows_tensorrt_llm(llama_base: Path, tmp_path: Path):
     """gate_proj is TensorRT-LLM's mlp_h_to_4h and up_proj its mlp_gate (not the other way round)."""
     make_peft(llama_base, tmp_path / "adapter", target_modules=["gate_proj", "up_proj"])
     converted = trt.convert("a", tmp_path / "adapter", "fp32")
-    by_source = {s.rsplit(".", 1)[-1]: trt.MODULE_NAMES[int(m)] for s, m in zip(converted.sources, converted.config[:, 0])}
+    by_source = {
+        s.rsplit(".", 1)[-1]: trt.MODULE_NAMES[int(m)] for s, m in zip(converted.sources, converted.config[:, 0])
+    }
     assert by_source == {"gate_proj": "mlp_h_to_4h", "up_proj": "mlp_gate"}
     assert converted.config[:, 0].tolist().count(5) == 2 and converted.config[:, 0].tolist().count(7) == 2
 

@@ -19,7 +19,7 @@ from ftd.orchestration import StageLog, StageRecord
 from ftd.preflight import preflight
 from ftd.store import Artifact, Store, digest
 from ftd.tracking import Tracker
-from tasks.backends import get_backend
+from tasks.backends import get_backend, tensorrt_llm
 from tasks.multi_lora import union_targets
 from tasks.orchestrated import (
     build_task,
@@ -33,6 +33,9 @@ from tasks.orchestrated import (
     resolve_base_task,
     sft_task,
     smoke_task,
+    triton_bundle_task,
+    trt_engine_task,
+    trt_lora_task,
 )
 from tasks.sft import adapter_dir
 
@@ -57,10 +60,21 @@ class EngineOutcome:
     engine: Artifact
     smoke: Artifact | None = None
     failure: GateFailed | None = None
+    smoke_skipped: str | None = None  # the artifact exists (a verified bundle) but cannot be run here
 
     @property
     def skipped(self) -> bool:
-        return bool(self.engine.meta.get("skipped"))
+        return bool(self.engine.meta.get("skipped")) or self.smoke_skipped is not None
+
+    @property
+    def skip_reason(self) -> str:
+        return self.engine.meta.get("reason") or self.smoke_skipped or ""
+
+    @property
+    def registrable(self) -> bool:
+        """Gate passed, or a bundle that was built and verified but whose engine cannot run here."""
+        return self.failure is None and (self.smoke is not None or (self.smoke_skipped is not None
+                                                                   and not self.engine.meta.get("skipped")))
 
 
 @flow(name="finetune_to_deploy")
@@ -78,7 +92,9 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         adapters = [_adapter_chain(cfg, adapter_cfg, base, store, stages) for adapter_cfg in cfg.adapters]
         engines: list[EngineOutcome] = []
         for target in cfg.targets:
-            if target.mode == "multi_lora":
+            if target.backend == tensorrt_llm.NAME:
+                engines += _triton_target(target, plan.architecture, base, adapters, store, stages)
+            elif target.mode == "multi_lora":
                 engines += _multi_lora_target(cfg, target, base, adapters, store, stages)
             else:
                 engines += [_merged_target(cfg, target, a, store, stages) for a in adapters]
@@ -144,6 +160,32 @@ def _multi_lora_target(cfg: ExperimentConfig, target: TargetConfig, base: Artifa
     return [_gate(cfg, EngineOutcome(target, a.name, bundle), a, store, stages) for a in adapters]
 
 
+def _triton_target(target: TargetConfig, architecture: str, base: Artifact, adapters, store, stages):
+    """TensorRT-LLM + Triton: adapters converted, engine built where possible, bundle written and verified.
+
+    multi_lora: one bundle over the base model serving every adapter by lora_task_id; merged: one
+    bundle per adapter over its merged model. The smoke test needs the engine running on a GPU."""
+    if target.mode == "multi_lora":
+        loras = [stages.run(trt_lora_task, f"{a.name}/{target.name}", adapter=a.adapter, target=target, store=store)
+                 for a in adapters]  # fmt: skip
+        plans = [(target.name, base, adapters, loras)]
+    else:
+        plans = [(f"{a.name}/{target.name}", a.merged, [a], []) for a in adapters]
+    outcomes = []
+    for label, model, served, loras in plans:
+        engine = stages.run(trt_engine_task, label, model=model, loras=loras, target=target,
+                            architecture=architecture, store=store)  # fmt: skip
+        bundle = stages.run(
+            triton_bundle_task, label, model=model, tokenizer_from=served[0].adapter,
+            adapters=[a.adapter for a in served if loras], loras=loras, engine=engine, target=target,
+            architecture=architecture, store=store,
+        )  # fmt: skip
+        reason = (f"engine not built ({engine.meta['reason']})" if engine.meta.get("skipped")
+                  else "no automated TensorRT-LLM smoke test yet: run request.sh against Triton")  # fmt: skip
+        outcomes += [EngineOutcome(target, a.name, bundle, smoke_skipped=reason) for a in served]
+    return outcomes
+
+
 def _gate(cfg: ExperimentConfig, outcome: EngineOutcome, a: AdapterOutcome, store: Store, stages: StageLog):
     if outcome.skipped:
         return outcome
@@ -183,6 +225,8 @@ def _log_and_register(
                 tracker.log_text((e.smoke.path(store) / "report.md").read_text(), f"smoke/{a.name}/{e.target.name}.md")
             if e.failure:
                 tracker.log_text(str(e.failure), f"smoke/{a.name}/{e.target.name}.FAILED.txt")
+            if e.skipped:
+                tracker.set_tag(f"ftd.skipped.{prefix}", e.skip_reason)
         if any(e.failure for e in mine):
             continue
         version = tracker.register(
@@ -197,7 +241,7 @@ def _log_and_register(
         registered.append({"kind": "adapter", "item": a.name, **version})
     keys = {a.name: a for a in adapters}
     for target in cfg.targets:
-        mine = [e for e in engines if e.target.name == target.name and e.smoke is not None]
+        mine = [e for e in engines if e.target.name == target.name and e.registrable]
         if target.mode == "multi_lora":
             everyone_passed = len(mine) == len(adapters) and all(e.adapter in adapter_versions for e in mine)
             groups = [mine] if mine and everyone_passed else []
@@ -212,8 +256,14 @@ def _log_and_register(
                     "ftd.adapter_key": ",".join(keys[e.adapter].adapter.key for e in group),
                     "ftd.data_key": ",".join(keys[e.adapter].data.key for e in group)}  # fmt: skip
             for e in group:
+                if e.smoke is None:
+                    tags[f"ftd.smoke.{e.adapter}" if len(group) > 1 else "ftd.smoke"] = f"skipped: {e.smoke_skipped}"
+                    continue
                 tags.update({f"ftd.smoke.{e.adapter}.{k}" if len(group) > 1 else f"ftd.smoke.{k}": v
                              for k, v in e.smoke.meta["metrics"].items()})  # fmt: skip
+            if "checks" in engine.meta:
+                tags.update({f"ftd.check.{k}": v for k, v in engine.meta["checks"].items()})
+                tags["ftd.engine_built"] = engine.meta.get("engine_built")
             version = tracker.register(
                 cfg.tracking.engine_model.format(
                     experiment=cfg.experiment, adapter=group[0].adapter, target=target.name
@@ -237,7 +287,7 @@ def _metrics(adapters: list[AdapterOutcome], engines: list[EngineOutcome]) -> di
         if e.smoke is not None:
             out.update({f"{prefix}.{k}": v for k, v in e.smoke.meta["metrics"].items()})
         elif e.skipped:
-            out[f"{prefix}.skipped"] = e.engine.meta["reason"]
+            out[f"{prefix}.skipped"] = e.skip_reason
     return out
 
 
@@ -251,8 +301,13 @@ def _report(
         after = a.reference.meta["adapter"]["accuracy"]
         lines.append(f"- **{a.name}**: eval accuracy {_pct(before)} before SFT, {_pct(after)} after")
         for e in (e for e in engines if e.adapter == a.name):
-            if e.skipped:
-                lines.append(f"  - {e.target.name}: skipped — {e.engine.meta['reason']}")
+            if e.skipped and "checks" in e.engine.meta:
+                c = e.engine.meta["checks"]
+                lines.append(f"  - {e.target.name}: bundle built and verified on CPU ({c['configs_parsed']} configs, "
+                             f"{c['warmup_entries']} warm-ups, ΔW rel. error {c['max_delta_rel_error']:.1e}); "
+                             f"smoke test skipped — {e.skip_reason}")  # fmt: skip
+            elif e.skipped:
+                lines.append(f"  - {e.target.name}: skipped — {e.skip_reason}")
             elif e.failure:
                 lines += [f"  - {e.target.name}: **parity gate failed**", "", str(e.failure), "",
                           _failure_table(e.failure.report), ""]  # fmt: skip

@@ -53,7 +53,21 @@ def preflight(cfg: ExperimentConfig) -> Plan:
                 f"targets.{target.name}.mode: {target.backend} supports {', '.join(modes)}, not {target.mode}"
             )
         backend.check(target, architecture)
+        if hasattr(backend, "check_adapters"):
+            backend.check_adapters(target, [_adapter_summary(a) for a in cfg.adapters])
     return Plan(base=spec, architecture=architecture)
+
+
+def _adapter_summary(adapter) -> dict:
+    """Name, target modules and largest rank, from the config (trained) or adapter_config.json (imported)."""
+    if adapter.import_from is None:
+        return {"name": adapter.name, "modules": list(adapter.lora.target_modules), "max_rank": adapter.lora.r}
+    import json
+
+    config = json.loads((Path(adapter.import_from) / "adapter_config.json").read_text())
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    targets = config.get("target_modules") or []
+    return {"name": adapter.name, "modules": [] if isinstance(targets, str) else list(targets), "max_rank": max(ranks)}
 
 
 def _imported_targets(path: Path, field: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ftd.orchestration import stage_task
 from tasks import adapter_import, base_model, build, data, merge, multi_lora, sft, smoke
 from tasks.backends import get_backend
+from tasks.trtllm import stages as trt_stages
 
 
 def _base_key(p: dict) -> str | None:
@@ -74,4 +75,25 @@ bundle_task = stage_task(
     multi_lora.BUNDLE,
     lambda p: multi_lora.bundle_key(p["graph"], p["exports"]),
     "lora-bundle",
+)
+
+
+def _trt_engine_key(p: dict) -> str | None:
+    if get_backend(p["target"].backend).unavailable_reason(p["target"]):
+        return None  # skipped here: never cached, so a GPU machine builds it
+    return trt_stages.engine_key(p["model"], p["loras"], p["target"], p["architecture"])
+
+
+trt_lora_task = stage_task(
+    trt_stages.convert_lora,
+    trt_stages.LORA,
+    lambda p: trt_stages.lora_key(p["adapter"], p["target"]),
+    "trt-lora[{adapter.meta[adapter_name]}]",
+)
+trt_engine_task = stage_task(trt_stages.build_engine, trt_stages.ENGINE, _trt_engine_key, "trt-engine[{target.name}]")
+triton_bundle_task = stage_task(
+    trt_stages.assemble_bundle,
+    trt_stages.BUNDLE,
+    lambda p: trt_stages.bundle_key(p["model"], p["tokenizer_from"], p["loras"], p["engine"], p["target"]),
+    "triton-bundle[{target.name}]",
 )

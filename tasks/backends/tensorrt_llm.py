@@ -1,0 +1,161 @@
+"""TensorRT-LLM behind Triton: a deployment bundle built and checked on any machine, the engine
+built where a GPU and the `tensorrt_llm` package are present.
+
+What is produced (tasks/trtllm/): every adapter converted to TensorRT-LLM's LoRA arrays, a Triton
+model repository (inflight-batcher layout) whose `tensorrt_llm` model warms every adapter up so
+clients send only `lora_task_id`, the exact engine-build commands, and a README. This module owns
+the target's options, what is accepted at config time, and the engine build itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftd.config import TargetConfig, describe_validation_error
+from ftd.errors import ConfigError
+from tasks.backends import register
+from tasks.trtllm.lora import DTYPES, HF_TO_TRT
+
+NAME = "tensorrt_llm"
+# HF architecture → the tensorrt_llm.models class whose `from_hugging_face` converts it.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "LLaMAForCausalLM",
+    "MistralForCausalLM": "LLaMAForCausalLM",
+    "Qwen2ForCausalLM": "QWenForCausalLM",
+}
+# Where the bundle is mounted inside the Triton container: config.pbtxt paths are absolute.
+MOUNT = "/ftd-bundle"
+
+
+class TrtLlmOptions(BaseModel):
+    """`targets[].options` for backend tensorrt_llm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(8, gt=0)
+    max_input_len: int = Field(512, gt=0)
+    max_seq_len: int = Field(1024, gt=1)
+    max_beam_width: int = Field(1, gt=0)
+    max_lora_rank: int | None = Field(None, gt=0, description="Default: the largest adapter rank.")
+    max_loras: int | None = Field(None, gt=0, description="Adapters the GPU LoRA cache holds; default: all.")
+    lora_delivery: Literal["warmup", "prefetch"] = Field(
+        "warmup", description="warmup: model_warmup entries (the seed's way); prefetch: lora_prefetch_dir."
+    )
+    lora_cache_gpu_memory_fraction: float = Field(0.05, gt=0, lt=1)
+    lora_cache_host_memory_bytes: int = Field(1 << 30, gt=0)
+    kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0, le=1)
+    warmup_prompt: str = Field("Hello", min_length=1, description="Tokenized with the experiment's tokenizer.")
+    warmup_output_len: int = Field(3, gt=0)
+    triton_image: str = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TrtLlmOptions:
+        if self.max_seq_len <= self.max_input_len:
+            raise ValueError(f"max_seq_len ({self.max_seq_len}) must exceed max_input_len ({self.max_input_len})")
+        return self
+
+
+def options_of(target: TargetConfig) -> TrtLlmOptions:
+    try:
+        return TrtLlmOptions.model_validate(target.options)
+    except ValidationError as exc:
+        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
+
+
+class TensorRtLlm:
+    name = NAME
+    modes = ("multi_lora", "merged")
+    libraries = ("tensorrt_llm", "transformers", "safetensors", "tritonclient")
+
+    def check(self, target: TargetConfig, architecture: str) -> None:
+        options = options_of(target)
+        if options.lora_delivery == "prefetch" and target.precision == "bf16":
+            raise ConfigError(
+                f"targets.{target.name}.options.lora_delivery: prefetch reads .npy files, and TensorRT-LLM's .npy "
+                "reader has no bfloat16 (numpy writes it as 'V2'); use lora_delivery: warmup for a bf16 engine"
+            )
+        if target.precision not in DTYPES:
+            raise ConfigError(
+                f"targets.{target.name}.precision: {target.precision!r} is not a TensorRT-LLM LoRA dtype "
+                f"(one of {', '.join(DTYPES)}; the LoRA weights are stored in the engine's dtype)"
+            )
+        if target.device != "cuda":
+            raise ConfigError(
+                f"targets.{target.name}.device: TensorRT-LLM engines run on NVIDIA GPUs: set `device: cuda` "
+                "(the bundle is still produced and checked on a machine without one)"
+            )
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"targets.{target.name}: ftd's TensorRT-LLM backend supports {', '.join(sorted(ARCHITECTURES))}, "
+                f"not {architecture}"
+            )
+
+    def check_adapters(self, target: TargetConfig, adapters: list[dict]) -> None:
+        """What the runtime would reject, caught at config time: ranks above max_lora_rank, modules the
+        format cannot carry, more adapters than the cache holds."""
+        options = options_of(target)
+        if target.mode != "multi_lora":
+            return
+        for adapter in adapters:
+            unsupported = sorted(set(adapter["modules"]) - set(HF_TO_TRT))
+            if unsupported:
+                raise ConfigError(
+                    f"adapters.{adapter['name']}: TensorRT-LLM LoRA cannot carry {unsupported} (it takes "
+                    f"{', '.join(sorted(HF_TO_TRT))}); drop them or remove target {target.name}"
+                )
+            if options.max_lora_rank is not None and adapter["max_rank"] > options.max_lora_rank:
+                raise ConfigError(
+                    f"targets.{target.name}.options.max_lora_rank: {options.max_lora_rank} is below adapter "
+                    f"{adapter['name']}'s rank {adapter['max_rank']}; the runtime would reject it: raise it to "
+                    f"{adapter['max_rank']} or remove the option"
+                )
+        if options.max_loras is not None and options.max_loras < len(adapters):
+            raise ConfigError(
+                f"targets.{target.name}.options.max_loras: {options.max_loras} < {len(adapters)} adapters; warm-up "
+                "would evict adapters from the GPU cache: raise it or remove the option"
+            )
+
+    def unavailable_reason(self, target: TargetConfig) -> str | None:
+        """Why the *engine* cannot be built here (the bundle always can)."""
+        if importlib.util.find_spec("tensorrt_llm") is None:
+            return "engine build needs the tensorrt_llm package and an NVIDIA GPU; tensorrt_llm is not installed"
+        import torch
+
+        if not torch.cuda.is_available():
+            return "engine build needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)"
+        return None
+
+
+def build_commands(
+    architecture: str, target: TargetConfig, modules: list[str], max_rank: int, hf_dir: str, ckpt_dir: str,
+    engine_dir: str,
+) -> list[list[str]]:  # fmt: skip
+    """The two steps that make an engine: HF checkpoint → TensorRT-LLM checkpoint (Python API, no
+    examples directory needed) → `trtllm-build` with the LoRA plugin and the adapters' modules."""
+    options = options_of(target)
+    dtype = DTYPES[target.precision]
+    convert = (
+        f"from tensorrt_llm.models import {ARCHITECTURES[architecture]} as M; "
+        f"M.from_hugging_face({json.dumps(hf_dir)}, dtype={json.dumps(dtype)})"
+        f".save_checkpoint({json.dumps(ckpt_dir)}, save_config=True)"
+    )
+    build = [
+        "trtllm-build", "--checkpoint_dir", ckpt_dir, "--output_dir", engine_dir, "--gemm_plugin", dtype,
+        "--max_batch_size", str(options.max_batch_size), "--max_input_len", str(options.max_input_len),
+        "--max_seq_len", str(options.max_seq_len), "--max_beam_width", str(options.max_beam_width),
+    ]  # fmt: skip
+    if modules:
+        build += ["--lora_plugin", dtype, "--lora_target_modules", *modules, "--max_lora_rank", str(max_rank)]
+    return [["python3", "-c", convert], build]
+
+
+def shell(commands: list[list[str]]) -> str:
+    return "\n".join(shlex.join(c) for c in commands)
+
+
+register(TensorRtLlm())

@@ -73,8 +73,9 @@ class EngineOutcome:
     @property
     def registrable(self) -> bool:
         """Gate passed, or a bundle that was built and verified but whose engine cannot run here."""
-        return self.failure is None and (self.smoke is not None or (self.smoke_skipped is not None
-                                                                   and not self.engine.meta.get("skipped")))
+        return self.failure is None and (
+            self.smoke is not None or (self.smoke_skipped is not None and not self.engine.meta.get("skipped"))
+        )
 
 
 @flow(name="finetune_to_deploy")

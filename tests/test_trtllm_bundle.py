@@ -23,7 +23,6 @@ from ftd.errors import ConfigError, FtdError
 from ftd.store import Artifact, Store
 from tasks.backends import get_backend
 from tasks.base_model import model_dir, parse_base, resolve_base
-from tasks.trtllm import bundle as trt_bundle
 from tasks.trtllm import lora as trt
 from tasks.trtllm import stages, triton
 from tasks.trtllm.verify import verify_bundle
@@ -102,8 +101,12 @@ def test_bundle_is_complete_and_verified(built: dict):
     # what a GPU user needs: the exact build command, the launch command, a request by lora_task_id
     readme = (path / "README.md").read_text()
     assert "trtllm-build --checkpoint_dir .trt_checkpoint" in readme and "--lora_plugin bfloat16" in readme
-    assert "--max_lora_rank 8" in readme and "tritonserver --model-repository" in (path / "launch_triton.sh").read_text()
-    assert '"lora_task_id": 1' in readme and json.loads((path / "requests" / "wide.json").read_text())["lora_task_id"] == 1
+    assert (
+        "--max_lora_rank 8" in readme and "tritonserver --model-repository" in (path / "launch_triton.sh").read_text()
+    )
+    assert (
+        '"lora_task_id": 1' in readme and json.loads((path / "requests" / "wide.json").read_text())["lora_task_id"] == 1
+    )
     assert (path / "build_engine.sh").stat().st_mode & 0o111
 
 
@@ -263,7 +266,9 @@ def test_pre_and_postprocessing_models_round_trip_text(built: dict, monkeypatch)
     def load(name: str):
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location(f"bundle_{name}", path / "model_repository" / name / "1" / "model.py")
+        spec = importlib.util.spec_from_file_location(
+            f"bundle_{name}", path / "model_repository" / name / "1" / "model.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = triton.parse((path / "model_repository" / name / "config.pbtxt").read_text())

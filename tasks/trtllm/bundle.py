@@ -132,9 +132,18 @@ def write_bundle(spec: BundleSpec, out: Path) -> dict:
         "lora_dtype": trt.DTYPES[spec.precision],
         "triton_lora_type": weights_type,
         "architecture": spec.architecture,
-        "model_config": {k: spec.model_config.get(k) for k in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "vocab_size")},  # fmt: skip
+        "model_config": {
+            k: spec.model_config.get(k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+            )
+        },  # fmt: skip
         "engine": {
             "built": engine_built,
             "skip_reason": spec.engine_skip_reason,
@@ -145,8 +154,11 @@ def write_bundle(spec: BundleSpec, out: Path) -> dict:
         },
         "end_id": spec.end_id,
         "pad_id": spec.pad_id,
-        "warmup": {"prompt": options["warmup_prompt"], "input_ids": spec.warmup_ids,
-                   "output_len": options["warmup_output_len"]},  # fmt: skip
+        "warmup": {
+            "prompt": options["warmup_prompt"],
+            "input_ids": spec.warmup_ids,
+            "output_len": options["warmup_output_len"],
+        },  # fmt: skip
         "lora_delivery": options["lora_delivery"] if loras else None,
         "lora_cache": {k: v for k, v in engine_parameters.items() if k.startswith("lora_cache")},
         "adapters": {
@@ -156,8 +168,11 @@ def write_bundle(spec: BundleSpec, out: Path) -> dict:
                 "row_width": int(loras[a.name].weights.shape[1]),
                 "ranks": sorted({int(r) for r in loras[a.name].config[:, 2]}),
                 "modules": loras[a.name].modules(),
-                "warmup": {"weights": f"adapter_model_{a.task_id}.bin", "config": f"adapter_config_{a.task_id}.bin",
-                           "task_id": f"lora_id_{a.task_id}"},  # fmt: skip
+                "warmup": {
+                    "weights": f"adapter_model_{a.task_id}.bin",
+                    "config": f"adapter_config_{a.task_id}.bin",
+                    "task_id": f"lora_id_{a.task_id}",
+                },  # fmt: skip
             }
             for a in spec.adapters
         },
@@ -298,17 +313,19 @@ def readme(manifest: dict) -> str:
         None: "This bundle serves the model without LoRA.",
     }[manifest["lora_delivery"]]
     table = (
-        f"| adapter | lora_task_id | rank(s) | modules | lora_weights |\n|---|---|---|---|---|\n{rows}\n" if adapters else ""
+        f"| adapter | lora_task_id | rank(s) | modules | lora_weights |\n|---|---|---|---|---|\n{rows}\n"
+        if adapters
+        else ""
     )
     import shlex
 
     name, body = next(iter(request_bodies(manifest).items()))
     example = shlex.quote(json.dumps(body))
     commands = "\n".join(shlex.join(c) for c in engine["commands"])
-    return f"""# TensorRT-LLM + Triton bundle: {manifest['target']}
+    return f"""# TensorRT-LLM + Triton bundle: {manifest["target"]}
 
-Built by ftd from the experiment's {manifest['architecture']} model, {manifest['precision']} engine
-(LoRA weights stored as {manifest['lora_dtype']}, declared `{manifest['triton_lora_type']}` in `ensemble` and
+Built by ftd from the experiment's {manifest["architecture"]} model, {manifest["precision"]} engine
+(LoRA weights stored as {manifest["lora_dtype"]}, declared `{manifest["triton_lora_type"]}` in `ensemble` and
 `tensorrt_llm`). {status}
 
 {delivery}
@@ -329,7 +346,7 @@ which runs, from this directory:
 {commands}
 ```
 
-`--lora_target_modules` and `--max_lora_rank {engine['max_lora_rank']}` come from the adapters above; the engine
+`--lora_target_modules` and `--max_lora_rank {engine["max_lora_rank"]}` come from the adapters above; the engine
 must be built with them, or the runtime rejects the adapters ("lora module ... not enabled",
 "Invalid low_rank").
 
@@ -339,8 +356,8 @@ must be built with them, or the runtime rejects the adapters ("lora module ... n
 ./launch_triton.sh
 ```
 
-The bundle is mounted at `{manifest['mount']}` inside `{manifest['triton_image']}`
-(`config.pbtxt` refers to `{engine['path_in_container']}`). Use the Triton image whose TensorRT-LLM
+The bundle is mounted at `{manifest["mount"]}` inside `{manifest["triton_image"]}`
+(`config.pbtxt` refers to `{engine["path_in_container"]}`). Use the Triton image whose TensorRT-LLM
 version built the engine.
 
 ## 3. Send a request with a `lora_task_id`
@@ -351,8 +368,8 @@ curl -X POST localhost:8000/v2/models/ensemble/generate -d {example}
 
 (the body of `requests/{name}.json`). `./request.sh` sends every file in `requests/`, one per adapter.
 Triton's preprocessing tokenizes the text as it is: format prompts with the chat template the
-adapters were trained with (`tokenizer/`), as the example does. End id {manifest['end_id']},
-pad id {manifest['pad_id']}.
+adapters were trained with (`tokenizer/`), as the example does. End id {manifest["end_id"]},
+pad id {manifest["pad_id"]}.
 
 ## Files
 

@@ -127,11 +127,20 @@ def bundle_key(model: Artifact, tokenizer_from: Artifact, loras: list[Artifact],
                target: TargetConfig) -> str:  # fmt: skip
     return stage_key(
         BUNDLE,
-        code=code_version(HERE / "bundle.py", HERE / "triton.py", HERE / "verify.py", __file__,
-                          *sorted((HERE / "triton_models").glob("*.py"))),  # fmt: skip
+        code=code_version(
+            HERE / "bundle.py",
+            HERE / "triton.py",
+            HERE / "verify.py",
+            __file__,
+            *sorted((HERE / "triton_models").glob("*.py")),
+        ),  # fmt: skip
         config={"target": target.model_dump(mode="json", exclude={"name", "thresholds"}), "name": target.name},
-        inputs=[model.key, tokenizer_from.key, *[lo.key for lo in loras],
-                engine.key if not engine.meta.get("skipped") else "engine-not-built"],  # fmt: skip
+        inputs=[
+            model.key,
+            tokenizer_from.key,
+            *[lo.key for lo in loras],
+            engine.key if not engine.meta.get("skipped") else "engine-not-built",
+        ],  # fmt: skip
         libraries=library_versions("tritonclient", "protobuf", "transformers"),
     )
 

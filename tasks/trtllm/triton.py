@@ -170,8 +170,12 @@ def preprocessing_config(max_batch_size: int, end_id: int, pad_id: int):
             Tensor("OUT_END_ID", "TYPE_INT32", (1,)),
             Tensor("OUT_PAD_ID", "TYPE_INT32", (1,)),
         ],
-        parameters={"tokenizer_dir": "../../tokenizer", "add_special_tokens": "false", "end_id": end_id,
-                    "pad_id": pad_id},  # fmt: skip
+        parameters={
+            "tokenizer_dir": "../../tokenizer",
+            "add_special_tokens": "false",
+            "end_id": end_id,
+            "pad_id": pad_id,
+        },  # fmt: skip
         instance_kind="KIND_CPU",
     )
 

@@ -50,7 +50,9 @@ def verify_bundle(bundle: Path) -> dict:
         problems.check((path.parent / "1").is_dir(), f"{path.parent}: version directory 1/ missing")
     for name in (triton.PRE, triton.POST):
         problems.check((bundle / REPOSITORY / name / "1" / "model.py").is_file(), f"{name}/1/model.py missing")
-    problems.check((bundle / "tokenizer" / "tokenizer_config.json").is_file(), "tokenizer/ has no tokenizer_config.json")
+    problems.check(
+        (bundle / "tokenizer" / "tokenizer_config.json").is_file(), "tokenizer/ has no tokenizer_config.json"
+    )
     _check_ensemble(configs, problems)
     engine = configs[triton.ENGINE]
     declared = {i.name: i for i in engine.input}
@@ -144,7 +146,9 @@ def _check_warmup(warmup, declared: dict, directory: Path, problems: Problems) -
             problems.append(f"{where}: file warmup/{value.input_data_file} missing")
             continue
         need = expected_bytes(got, dims)
-        problems.check(path.stat().st_size == need, f"{where}: {path.name} has {path.stat().st_size} bytes, dims need {need}")
+        problems.check(
+            path.stat().st_size == need, f"{where}: {path.name} has {path.stat().st_size} bytes, dims need {need}"
+        )
 
 
 def _check_adapter(
@@ -160,7 +164,9 @@ def _check_adapter(
         weights_path, config_path = warmup_dir / files["weights"], warmup_dir / files["config"]
         task_id = np.frombuffer((warmup_dir / files["task_id"]).read_bytes(), dtype="<u8")
         problems.check(task_id.tolist() == [entry["task_id"]], f"{where}: lora_id file holds {task_id.tolist()}")
-        warmup = next((w for w in engine.model_warmup if w.inputs["lora_task_id"].input_data_file == files["task_id"]), None)
+        warmup = next(
+            (w for w in engine.model_warmup if w.inputs["lora_task_id"].input_data_file == files["task_id"]), None
+        )
         problems.check(warmup is not None, f"{where}: no model_warmup entry loads it")
         try:
             weights = trt.read_raw(weights_path, precision, entry["row_width"])
@@ -193,7 +199,9 @@ def _check_adapter(
         problems.check(0 < rank <= max_rank, f"{row}: rank outside (0, max_lora_rank={max_rank}]; raise max_lora_rank")
         if module in dims:
             need = rank * sum(dims[module])
-            problems.check(weights.shape[1] >= need, f"{row}: row has {weights.shape[1]} values, needs r·(in+out)={need}")
+            problems.check(
+                weights.shape[1] >= need, f"{row}: row has {weights.shape[1]} values, needs r·(in+out)={need}"
+            )
     return {"task_id": entry["task_id"], "rows": int(config.shape[0]),
             "max_delta_rel_error": _delta_error(bundle / "lora" / name, weights, config, dims, precision, where, problems)}  # fmt: skip
 

@@ -71,7 +71,7 @@ def _print_summary(summary: dict) -> None:
     )
     for s in summary["stages"]:
         detail = f" ({s['detail']})" if s["detail"] else ""
-        print(f"  {s['stage']:<10} {s['label']:<24} {s['status']:<10} {s['seconds']:>8.2f}s{detail}")
+        print(f"  {s['stage']:<13} {s['label']:<24} {s['status']:<10} {s['seconds']:>8.2f}s{detail}")
     for r in summary["registered"]:
         print(f"  registered {r['kind']} {r['item']}: {r['name']} v{r['version']}{'' if r['new'] else ' (existing)'}")
     print("  metrics: " + json.dumps({k: v for k, v in summary["metrics"].items()}, default=str))

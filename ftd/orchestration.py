@@ -7,6 +7,7 @@ the task runs again instead of returning a path that no longer exists.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.states import Completed
 
 from ftd.store import Artifact, Store
 
@@ -34,8 +36,15 @@ def stage_task(fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict],
             (results_dir() / record).unlink(missing_ok=True)
         return record
 
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        artifact = fn(*args, **kwargs)
+        if artifact.meta.get("skipped"):  # shown as "Skipped" with the reason in the Prefect UI
+            return Completed(name="Skipped", message=artifact.meta.get("reason", ""), data=artifact)
+        return artifact
+
     return task(
-        fn,
+        run,
         name=stage,
         cache_key_fn=cache_key,
         persist_result=True,

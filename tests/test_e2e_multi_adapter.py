@@ -1,12 +1,14 @@
 """Several adapters on one base (two trained with different ranks and modules, one imported
-rsLoRA adapter), three targets: merged fp32, merged int4, one multi-LoRA bundle.
+rsLoRA adapter), four targets: merged fp32, merged int4, one ONNX multi-LoRA bundle, one
+TensorRT-LLM + Triton bundle.
 
 Adding an adapter to an experiment re-exports only that adapter: the multi-LoRA base graph and
-the other adapters' exports are cache hits.
+the other adapters' exports (ONNX and TensorRT-LLM) are cache hits.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,24 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
     registered = {(r["kind"], r["item"]) for r in summary["registered"]}
     assert ("engine", "onnx-multi-lora") in registered
     assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered
+
+    # TensorRT-LLM + Triton: one bundle for all three adapters (ranks 8, 4, 16), verified on CPU;
+    # the engine build is skipped with its reason, and the bundle is still a registered version.
+    assert _records(summary, "trt-lora") == {
+        "numbers/trtllm-triton": "cache hit",
+        "numbers-imported/trtllm-triton": "cache hit",
+        "next-digit/trtllm-triton": "built",
+    }
+    engine_step = next(s for s in summary["stages"] if s["stage"] == "trt-engine")
+    assert engine_step["status"] == "skipped" and "GPU" in engine_step["detail"]
+    bundle_step = next(s for s in summary["stages"] if s["stage"] == "triton-bundle")
+    bundle_dir = next((artifacts / "store" / "triton-bundle").glob(bundle_step["key"] + "*"))
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    assert {n: a["ranks"] for n, a in manifest["adapters"].items()} == {
+        "numbers": [8], "next-digit": [4], "numbers-imported": [16]}  # fmt: skip
+    assert manifest["engine"]["max_lora_rank"] == 16 and manifest["triton_lora_type"] == "TYPE_BF16"
+    checks = json.loads((bundle_dir / "checks.json").read_text())["summary"]
+    assert checks["warmup_entries"] == 3 and checks["adapters_checked"] == 3
+    for name in ("numbers", "numbers-imported", "next-digit"):
+        assert "engine not built" in m[f"{name}.trtllm-triton.skipped"]
+    assert ("engine", "trtllm-triton") in registered

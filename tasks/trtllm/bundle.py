@@ -319,14 +319,19 @@ def readme(manifest: dict) -> str:
     )
     import shlex
 
+    lora_note = (
+        f" (LoRA weights stored as {manifest['lora_dtype']}, declared `{manifest['triton_lora_type']}` in "
+        "`ensemble` and `tensorrt_llm`)"
+        if adapters
+        else ", merged weights, no LoRA inputs"
+    )
     name, body = next(iter(request_bodies(manifest).items()))
     example = shlex.quote(json.dumps(body))
     commands = "\n".join(shlex.join(c) for c in engine["commands"])
     return f"""# TensorRT-LLM + Triton bundle: {manifest["target"]}
 
-Built by ftd from the experiment's {manifest["architecture"]} model, {manifest["precision"]} engine
-(LoRA weights stored as {manifest["lora_dtype"]}, declared `{manifest["triton_lora_type"]}` in `ensemble` and
-`tensorrt_llm`). {status}
+Built by ftd from the experiment's {manifest["architecture"]} model, {manifest["precision"]} engine{lora_note}.
+{status}
 
 {delivery}
 

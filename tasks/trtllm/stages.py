@@ -26,6 +26,11 @@ LORA, ENGINE, BUNDLE = "trt-lora", "trt-engine", "triton-bundle"
 HERE = Path(__file__).parent
 
 
+def hf_dir(model: Artifact, store: Store) -> Path:
+    """The HF checkpoint of a base-model record (points elsewhere) or a merged artifact (in the store)."""
+    return model_dir(model) if "model_dir" in model.meta else model.path(store)
+
+
 def hf_config(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())
 
@@ -101,7 +106,7 @@ def build_engine(
 
     def build(tmp: Path) -> dict:
         ckpt = tmp / ".checkpoint"
-        commands = build_commands(architecture, target, plan["modules"], plan["max_rank"], str(model_dir(model)),
+        commands = build_commands(architecture, target, plan["modules"], plan["max_rank"], str(hf_dir(model, store)),
                                   str(ckpt), str(tmp))  # fmt: skip
         started, log = time.perf_counter(), []
         for command in commands:
@@ -162,7 +167,7 @@ def assemble_bundle(
 
     def build(tmp: Path) -> dict:
         tokenizer = load_tokenizer(source_dir)
-        eos = eos_token_ids(tokenizer, model_dir(model))
+        eos = eos_token_ids(tokenizer, hf_dir(model, store))
         end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos[0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
         example = options.warmup_prompt
@@ -174,7 +179,7 @@ def assemble_bundle(
                                   ".trt_checkpoint", ENGINE_VERSION_DIR)  # fmt: skip
         spec = BundleSpec(
             target=target.name, mode=target.mode, precision=target.precision, architecture=architecture,
-            model_config=hf_config(model_dir(model)), model_dir=model_dir(model), tokenizer_dir=source_dir,
+            model_config=hf_config(hf_dir(model, store)), model_dir=hf_dir(model, store), tokenizer_dir=source_dir,
             adapters=[BundleAdapter(lo.meta["adapter_name"], task_id, lo.path(store), adapter_dir(a, store))
                       for task_id, (a, lo) in enumerate(zip(adapters, loras), start=1)],
             options=options.model_dump(), end_id=int(end_id), pad_id=int(pad_id), warmup_ids=warmup_ids,

@@ -19,11 +19,12 @@ from ftd.orchestration import StageLog, StageRecord
 from ftd.preflight import preflight
 from ftd.store import Artifact, Store, digest
 from ftd.tracking import Tracker
-from tasks.backends import get_backend, tensorrt_llm
+from tasks.backends import dashinfer, get_backend, tensorrt_llm
 from tasks.multi_lora import union_targets
 from tasks.orchestrated import (
     build_task,
     bundle_task,
+    dashinfer_lora_task,
     export_adapter_task,
     import_task,
     lora_graph_task,
@@ -95,6 +96,8 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         for target in cfg.targets:
             if target.backend == tensorrt_llm.NAME:
                 engines += _triton_target(target, plan.architecture, base, adapters, store, stages)
+            elif target.backend == dashinfer.NAME and target.mode == "multi_lora":
+                engines += _dashinfer_lora_target(target, base, adapters, store, stages)
             elif target.mode == "multi_lora":
                 engines += _multi_lora_target(cfg, target, base, adapters, store, stages)
             else:
@@ -185,6 +188,14 @@ def _triton_target(target: TargetConfig, architecture: str, base: Artifact, adap
                   else "no automated TensorRT-LLM smoke test yet: run request.sh against Triton")  # fmt: skip
         outcomes += [EngineOutcome(target, a.name, bundle, smoke_skipped=reason) for a in served]
     return outcomes
+
+
+def _dashinfer_lora_target(target: TargetConfig, base: Artifact, adapters, store, stages):
+    """DashInfer 2.x multi-LoRA: the bundle is written and checked here; serving it needs a GPU."""
+    bundle = stages.run(dashinfer_lora_task, target.name, base=base, adapters=[a.adapter for a in adapters],
+                        target=target, store=store)  # fmt: skip
+    reason = get_backend(target.backend).unavailable_reason(target)
+    return [EngineOutcome(target, a.name, bundle, smoke_skipped=reason) for a in adapters]
 
 
 def _gate(cfg: ExperimentConfig, outcome: EngineOutcome, a: AdapterOutcome, store: Store, stages: StageLog):
@@ -303,9 +314,8 @@ def _report(
         lines.append(f"- **{a.name}**: eval accuracy {_pct(before)} before SFT, {_pct(after)} after")
         for e in (e for e in engines if e.adapter == a.name):
             if e.skipped and "checks" in e.engine.meta:
-                c = e.engine.meta["checks"]
-                lines.append(f"  - {e.target.name}: bundle built and verified on CPU ({c['configs_parsed']} configs, "
-                             f"{c['warmup_entries']} warm-ups, ΔW rel. error {c['max_delta_rel_error']:.1e}); "
+                checks = ", ".join(f"{k.replace('_', ' ')}: {_short(v)}" for k, v in e.engine.meta["checks"].items())
+                lines.append(f"  - {e.target.name}: bundle built and verified on CPU ({checks}); "
                              f"smoke test skipped — {e.skip_reason}")  # fmt: skip
             elif e.skipped:
                 lines.append(f"  - {e.target.name}: skipped — {e.skip_reason}")
@@ -337,6 +347,10 @@ def _failure_table(report: dict) -> str:
             f"| {r['prompt'][:60]} | {r['expected']} | {r.get('adapter')} | {r.get('merged')} | {r.get('engine')} |"
         )
     return "\n".join(rows)
+
+
+def _short(value) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else str(value)
 
 
 def _pct(value: float | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ftd.orchestration import stage_task
 from tasks import adapter_import, base_model, build, data, merge, multi_lora, sft, smoke
 from tasks.backends import get_backend
+from tasks.dashinfer import lora_bundle as dashinfer_lora
 from tasks.trtllm import stages as trt_stages
 
 
@@ -96,4 +97,10 @@ triton_bundle_task = stage_task(
     trt_stages.BUNDLE,
     lambda p: trt_stages.bundle_key(p["model"], p["tokenizer_from"], p["loras"], p["engine"], p["target"]),
     "triton-bundle[{target.name}]",
+)
+dashinfer_lora_task = stage_task(
+    dashinfer_lora.assemble,
+    dashinfer_lora.STAGE,
+    lambda p: dashinfer_lora.bundle_key(p["base"], p["adapters"], p["target"]),
+    "dashinfer-lora[{target.name}]",
 )

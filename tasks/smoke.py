@@ -188,8 +188,8 @@ def smoke_test(
         ref_dir = reference.path(store)
         info = json.loads((ref_dir / "prompts.json").read_text())
         generations = load_generations(ref_dir)
-        greedy = open_engine(target, engine.path(store), adapter.meta["adapter_name"])
-        generations["engine"] = [greedy(x, settings.max_new_tokens, info["eos"]) for x in info["ids"]]
+        run_all = open_engine(target, engine.path(store), adapter.meta["adapter_name"])
+        generations["engine"] = run_all(info["ids"], settings.max_new_tokens, info["eos"])
         tokenizer = load_tokenizer(adapter_dir(adapter, store))
         report = build_report(tokenizer, info["prompts"], generations, thresholds_for(target, settings), target.name)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -210,13 +210,18 @@ def thresholds_for(target: TargetConfig, settings: SmokeSettings) -> Thresholds:
 
 
 def open_engine(target: TargetConfig, engine_dir: Path, adapter_name: str):
-    """A greedy-decode function for this engine; a multi-LoRA bundle with `adapter_name` active."""
+    """`run_all(prompts, max_new_tokens, eos_ids) -> [Generation]` for this engine (a multi-LoRA
+    bundle with `adapter_name` active). Engines that run out of process decode all prompts in one
+    call (`greedy_batch`), the others prompt by prompt."""
     if target.mode == "multi_lora":
         from tasks.multi_lora import MultiLoraEngine
 
         bundle = MultiLoraEngine(engine_dir)
-        return lambda ids, n, eos: bundle.greedy(ids, n, eos, adapter=adapter_name)
-    return get_backend(target.backend).open(engine_dir, target).greedy
+        return lambda prompts, n, eos: [bundle.greedy(ids, n, eos, adapter=adapter_name) for ids in prompts]
+    engine = get_backend(target.backend).open(engine_dir, target)
+    if hasattr(engine, "greedy_batch"):
+        return engine.greedy_batch
+    return lambda prompts, n, eos: [engine.greedy(ids, n, eos) for ids in prompts]
 
 
 def build_report(tokenizer, prompts: list[dict], gens: dict[str, list[Generation]], t: Thresholds, target: str) -> dict:

@@ -1,0 +1,158 @@
+"""DashInfer / AllSpark: a real CPU engine for merged models, and a multi-LoRA bundle for DashInfer 2.x.
+
+`mode: merged` serializes the merged model to `.dimodel/.ditensors` with dashinfer 1.3.0 (CPU,
+AVX2) and runs the smoke test through DashInfer itself, in its own environment
+(tasks/dashinfer/env.py), so the parity gate covers it like any other engine. DashInfer does not
+expose logits, so its gate is greedy-token agreement and accuracy.
+
+`mode: multi_lora` writes what DashInfer 2.x (CUDA) needs to serve every adapter by `lora_name`
+(tasks/dashinfer/lora_bundle.py); running it needs an NVIDIA GPU and CPython ≤ 3.10, so that
+step is skipped here with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ftd.config import TargetConfig, describe_validation_error
+from ftd.errors import ConfigError
+from tasks.backends import Generation, register
+from tasks.dashinfer import env
+
+NAME = "dashinfer"
+# HF architecture → DashInfer model type (dashinfer/allspark/model/*.py).
+MODEL_TYPES = {"LlamaForCausalLM": "LLaMA_v2", "Qwen2ForCausalLM": "Qwen_v20"}
+DATA_TYPES = {"fp32": "float32"}
+MODEL_NAME = "model"
+
+
+class DashInferOptions(BaseModel):
+    """`targets[].options` for backend dashinfer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_max_num: int | None = Field(None, gt=0, description="multi_lora: adapters loaded at once; default: all.")
+    lora_max_rank: int | None = Field(None, gt=0, description="multi_lora: default: the largest adapter rank.")
+    max_length: int = Field(2048, gt=0, description="multi_lora: engine max length (prompt + answer).")
+    max_batch: int = Field(8, gt=0)
+    num_threads: int = Field(0, ge=0, description="merged CPU engine: 0 = all cores.")
+
+
+def options_of(target: TargetConfig) -> DashInferOptions:
+    try:
+        return DashInferOptions.model_validate(target.options)
+    except ValidationError as exc:
+        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
+
+
+class DashInfer:
+    name = NAME
+    modes = ("merged", "multi_lora")
+    libraries = ("safetensors", "torch", "peft")
+
+    def check(self, target: TargetConfig, architecture: str) -> None:
+        options_of(target)
+        if architecture not in MODEL_TYPES:
+            raise ConfigError(
+                f"targets.{target.name}: DashInfer serves {', '.join(sorted(MODEL_TYPES))} through ftd, not {architecture}"
+            )
+        if target.mode == "merged" and (target.precision, target.device) != ("fp32", "cpu"):
+            raise ConfigError(
+                f"targets.{target.name}: the DashInfer CPU engine is built as precision fp32, device cpu "
+                f"(got {target.precision}/{target.device})"
+            )
+        if target.mode == "multi_lora" and (target.precision not in ("fp16", "bf16") or target.device != "cuda"):
+            raise ConfigError(
+                f"targets.{target.name}: DashInfer multi-LoRA runs on CUDA: set device: cuda and precision fp16 or bf16"
+            )
+
+    def check_adapters(self, target: TargetConfig, adapters: list[dict]) -> None:
+        """DashInfer 2.x rejects more adapters than lora_max_num and ranks above lora_max_rank."""
+        if target.mode != "multi_lora":
+            return
+        options = options_of(target)
+        for adapter in adapters:
+            if options.lora_max_rank is not None and adapter["max_rank"] > options.lora_max_rank:
+                raise ConfigError(
+                    f"targets.{target.name}.options.lora_max_rank: {options.lora_max_rank} is below adapter "
+                    f"{adapter['name']}'s rank {adapter['max_rank']}; raise it or remove the option"
+                )
+        if options.lora_max_num is not None and options.lora_max_num < len(adapters):
+            raise ConfigError(
+                f"targets.{target.name}.options.lora_max_num: {options.lora_max_num} < {len(adapters)} adapters; "
+                "DashInfer would refuse to load the rest: raise it or remove the option"
+            )
+
+    def unavailable_reason(self, target: TargetConfig) -> str | None:
+        if target.mode == "multi_lora":
+            return (
+                "DashInfer multi-LoRA needs dashinfer 2.x on an NVIDIA GPU (CUDA wheels for CPython ≤ 3.10); "
+                "the bundle and its launch script are written, the engine is not run here"
+            )
+        return env.platform_problem()
+
+    def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
+        spec = {"model_dir": str(merged_dir), "out_dir": str(out), "name": MODEL_NAME,
+                "model_type": MODEL_TYPES[_architecture(merged_dir)], "data_type": DATA_TYPES[target.precision],
+                "result": str(out / ".serialize.json")}  # fmt: skip
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "serialize.json"
+            spec_path.write_text(json.dumps(spec))
+            log = env.run_worker("serialize", spec_path)
+        (out / "build.log").write_text(log)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+            if (merged_dir / name).is_file():
+                shutil.copy2(merged_dir / name, out / name)
+        result = json.loads((out / ".serialize.json").read_text())
+        (out / ".serialize.json").unlink()
+        return {
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "dashinfer": "1.3.0",
+            "model_type": spec["model_type"],
+            "files": sorted(p.name for p in out.iterdir() if p.suffix in (".dimodel", ".ditensors")),
+            "environment": str(env.env_dir()),
+            **result,
+        }
+
+    def open(self, engine_dir: Path, target: TargetConfig) -> DashInferEngine:
+        return DashInferEngine(engine_dir, options_of(target).num_threads)
+
+
+def _architecture(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    return (config.get("architectures") or ["?"])[0]
+
+
+class DashInferEngine:
+    """Greedy decoding through DashInfer on CPU. The engine lives in another environment, so every
+    prompt of a smoke test is decoded in one worker call (one engine load)."""
+
+    def __init__(self, engine_dir: Path, num_threads: int = 0):
+        self.engine_dir = engine_dir
+        self.num_threads = num_threads
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> Generation:
+        return self.greedy_batch([prompt_ids], max_new_tokens, eos_ids)[0]
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[Generation]:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "generate.json"
+            result_path = Path(tmp) / "result.json"
+            spec_path.write_text(json.dumps({
+                "engine_dir": str(self.engine_dir), "name": MODEL_NAME, "prompts": prompts,
+                "max_new_tokens": max_new_tokens, "eos_ids": eos_ids, "num_threads": self.num_threads,
+                "result": str(result_path),
+            }))  # fmt: skip
+            env.run_worker("generate", spec_path)
+            tokens = json.loads(result_path.read_text())["tokens"]
+        return [Generation(tokens=t, logits=None) for t in tokens]
+
+
+register(DashInfer())

@@ -144,7 +144,9 @@ def _adapter_chain(
 def _merged_target(cfg: ExperimentConfig, target: TargetConfig, a: AdapterOutcome, store: Store, stages: StageLog):
     label = f"{a.name}/{target.name}"
     engine = stages.run(build_task, label, merged=a.merged, target=target, store=store)
-    return _gate(cfg, EngineOutcome(target, a.name, engine), a, store, stages)
+    backend = get_backend(target.backend)
+    no_smoke = backend.smoke_unavailable_reason(target) if hasattr(backend, "smoke_unavailable_reason") else None
+    return _gate(cfg, EngineOutcome(target, a.name, engine, smoke_skipped=no_smoke), a, store, stages)
 
 
 def _multi_lora_target(cfg: ExperimentConfig, target: TargetConfig, base: Artifact, adapters, store, stages):

@@ -34,7 +34,7 @@ def preflight(cfg: ExperimentConfig) -> Plan:
                 continue
             rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
             check_layout(rows, adapter.data, Path(path))
-    architecture, modules = _inspect_base(spec, cfg.trust_remote_code)
+    architecture, modules, model_config = _inspect_base(spec, cfg.trust_remote_code)
     for adapter in cfg.adapters:
         field, targets = f"adapters.{adapter.name}.lora.target_modules", adapter.lora.target_modules
         if adapter.import_from is not None:
@@ -53,6 +53,8 @@ def preflight(cfg: ExperimentConfig) -> Plan:
                 f"targets.{target.name}.mode: {target.backend} supports {', '.join(modes)}, not {target.mode}"
             )
         backend.check(target, architecture)
+        if hasattr(backend, "check_model"):
+            backend.check_model(target, model_config)
         if hasattr(backend, "check_adapters"):
             backend.check_adapters(target, [_adapter_summary(a) for a in cfg.adapters])
     return Plan(base=spec, architecture=architecture)
@@ -84,8 +86,8 @@ def _imported_targets(path: Path, field: str) -> list[str]:
     return [] if isinstance(targets, str) else list(targets)
 
 
-def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str]]:
-    """Architecture and linear-module names, from the config alone (no weights are read)."""
+def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str], dict]:
+    """Architecture, linear-module names and the config as a dict, from the config alone (no weights are read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,7 +105,8 @@ def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
     }
-    return (config.architectures or [type(model).__name__])[0], modules
+    architecture = (config.architectures or [type(model).__name__])[0]
+    return architecture, modules, {**config.to_dict(), "architectures": [architecture]}
 
 
 def _fetch_config(spec: BaseSpec) -> str:

@@ -60,4 +60,4 @@ def get_backend(name: str) -> Backend:
 
 
 def _load_builtin_backends() -> None:
-    from tasks.backends import dashinfer, onnx_genai, tensorrt_llm  # noqa: F401  (they register themselves)
+    from tasks.backends import accessory, dashinfer, mindspore, onnx_genai, tensorrt_llm  # noqa: F401  (self-registering)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,6 +79,12 @@ class SftSettings(Section):
     seed: int = 0
     logging_steps: int = Field(10, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    save_steps: int = Field(
+        100, ge=0, description="Checkpoint every N steps; a killed run resumes from the last one (0: never)."
+    )
+
+    # Settings that change how training is run, not what it produces: not part of the cache key.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"save_steps"})
 
     @field_validator("max_steps")
     @classmethod

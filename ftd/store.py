@@ -138,6 +138,8 @@ class Store:
         with self._lock(stage, key):
             if self.has(stage, key):  # another process built it while we waited
                 return self.load(stage, key)
+            for leftover in (self.root / "tmp").glob(f"{stage}-{key}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)  # from a killed build: we hold its lock now
             tmp = self.root / "tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             try:

@@ -7,7 +7,9 @@ prompts exactly as training did.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,12 +20,14 @@ from tasks.data import load_split
 from tasks.modeling import load_model, load_tokenizer, resolve_dtype
 
 STAGE = "adapter"
+BASE_RECORD = "ftd-base.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 log = logging.getLogger("ftd.sft")
 
 
 def sft_key(base: Artifact, data: Artifact, adapter: AdapterConfig, trust_remote_code: bool) -> str:
-    config = {"lora": adapter.lora, "sft": adapter.sft, "trust_remote_code": trust_remote_code}
+    sft = adapter.sft.model_dump(mode="json", exclude=set(adapter.sft.RUN_ONLY))
+    config = {"lora": adapter.lora, "sft": sft, "trust_remote_code": trust_remote_code}
     return stage_key(
         STAGE,
         code=code_version(__file__, Path(__file__).parent / "modeling.py"),
@@ -39,15 +43,55 @@ def train_adapter(
     key = sft_key(base, data, adapter, trust_remote_code)
 
     def build(tmp: Path) -> dict:
-        return _train(base, data, adapter, store, trust_remote_code, tmp)
+        checkpoints = checkpoint_dir(store, key)
+        meta = _train(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
+        (tmp / "adapter" / BASE_RECORD).write_text(json.dumps(base_record(base), indent=2))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is complete: nothing left to resume
+        return meta
 
     lineage = {"base": base.key, "data": data.key, "adapter_name": adapter.name}
     return store.materialize(STAGE, key, build, lineage=lineage)
 
 
+def checkpoint_dir(store: Store, key: str) -> Path:
+    """Checkpoints live outside the store's temp dirs, under the artifact's key: a rerun of the same
+    stage (same config, code and inputs) finds them; any other run never does."""
+    return store.root / "checkpoints" / f"{STAGE}-{key}"
+
+
+def base_record(base: Artifact) -> dict:
+    """Written beside every adapter ftd trains, so importing it onto another base can be refused."""
+    return {"base_key": base.key, "base_source": base.meta.get("source"),
+            "base_content_digest": base.meta.get("content_digest")}  # fmt: skip
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest `checkpoint-N` with every file a resume needs; a half-written one (the process
+    was killed while saving) is deleted and the previous one used."""
+    found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+    for candidate in found:
+        state = candidate / "trainer_state.json"
+        needed = [
+            state,
+            candidate / "optimizer.pt",
+            candidate / "scheduler.pt",
+            candidate / "adapter_model.safetensors",
+        ]
+        if all(p.is_file() and p.stat().st_size > 0 for p in needed) and list(candidate.glob("rng_state*.pth")):
+            try:
+                json.loads(state.read_text())
+                return candidate
+            except json.JSONDecodeError:
+                pass
+        log.warning("removing incomplete checkpoint %s", candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
+
+
 def _train(
-    base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path
-) -> dict:
+    base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path,
+    checkpoints: Path,
+) -> dict:  # fmt: skip
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -66,7 +110,7 @@ def _train(
                 log.info("sft %s step %d/%d loss %.4f", adapter.name, state.global_step, state.max_steps, logs["loss"])
 
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(checkpoints),
         max_steps=settings.max_steps,
         num_train_epochs=settings.epochs,
         learning_rate=settings.learning_rate,
@@ -80,7 +124,9 @@ def _train(
         logging_steps=settings.logging_steps,
         seed=settings.seed,
         data_seed=settings.seed,
-        save_strategy="no",
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -104,8 +150,11 @@ def _train(
         peft_config=peft_config,
         callbacks=[LogToLogger()],
     )
+    resume = last_complete_checkpoint(checkpoints) if settings.save_steps else None
+    if resume is not None:
+        log.info("sft %s: resuming from %s", adapter.name, resume)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
     tokenizer.save_pretrained(out / "adapter")
@@ -114,6 +163,7 @@ def _train(
     tokens = max((h.get("num_tokens", 0) for h in history), default=0) or None  # trl logs a running total
     return {
         "adapter_name": adapter.name,
+        "resumed_from_step": int(resume.name.rsplit("-", 1)[1]) if resume else None,
         "train_seconds": round(seconds, 3),
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,

@@ -19,6 +19,7 @@ from ftd.orchestration import StageLog, StageRecord
 from ftd.preflight import preflight
 from ftd.store import Artifact, Store, digest
 from ftd.tracking import Tracker
+from tasks.adapter_import import check_base_record
 from tasks.backends import dashinfer, get_backend, tensorrt_llm
 from tasks.multi_lora import union_targets
 from tasks.orchestrated import (
@@ -91,6 +92,8 @@ def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> 
         tracker.set_tag("prefect.flow_run_id", flow_run.get_id())
         tracker.set_tag("ftd.config_hash", digest(cfg))
         base = stages.run(resolve_base_task, "base", spec=plan.base, store=store)
+        for adapter_cfg in cfg.adapters:  # before any training: an imported adapter from another base
+            check_base_record(adapter_cfg, base)
         adapters = [_adapter_chain(cfg, adapter_cfg, base, store, stages) for adapter_cfg in cfg.adapters]
         engines: list[EngineOutcome] = []
         for target in cfg.targets:

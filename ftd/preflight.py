@@ -34,12 +34,23 @@ def preflight(cfg: ExperimentConfig) -> Plan:
                 continue
             rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
             check_layout(rows, adapter.data, Path(path))
-    architecture, modules, model_config = _inspect_base(spec, cfg.trust_remote_code)
+    if spec.kind == "local":
+        from ftd.integrity import check_weight_dir
+
+        try:
+            check_weight_dir(Path(spec.name))
+        except FtdError as exc:
+            raise ConfigError(f"base_model: {exc}") from None
+    architecture, modules, model_config, shapes = _inspect_base(spec, cfg.trust_remote_code)
     for adapter in cfg.adapters:
         field, targets = f"adapters.{adapter.name}.lora.target_modules", adapter.lora.target_modules
         if adapter.import_from is not None:
             field = f"adapters.{adapter.name}.import_from"
             targets = _imported_targets(adapter.import_from, field)
+        if adapter.import_from is not None:
+            from tasks.adapter_import import header_shapes_fit
+
+            header_shapes_fit(adapter.import_from, shapes, architecture, field)
         unknown = [m for m in targets if m not in modules]
         if unknown:
             raise ConfigError(
@@ -86,8 +97,9 @@ def _imported_targets(path: Path, field: str) -> list[str]:
     return [] if isinstance(targets, str) else list(targets)
 
 
-def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str], dict]:
-    """Architecture, linear-module names and the config as a dict, from the config alone (no weights are read)."""
+def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str], dict, dict]:
+    """Architecture, linear-module names, the config as a dict and every weight's shape, from the
+    config alone (a meta-device model: no weights are read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -106,7 +118,8 @@ def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
     }
     architecture = (config.architectures or [type(model).__name__])[0]
-    return architecture, modules, {**config.to_dict(), "architectures": [architecture]}
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items() if p.ndim == 2}
+    return architecture, modules, {**config.to_dict(), "architectures": [architecture]}, shapes
 
 
 def _fetch_config(spec: BaseSpec) -> str:

@@ -67,6 +67,59 @@ def import_adapter(base: Artifact, adapter: AdapterConfig, store: Store) -> Arti
     )
 
 
+def check_base_record(adapter: AdapterConfig, base: Artifact) -> None:
+    """An adapter ftd trained carries `ftd-base.json`: refuse it on any other base, even one of the
+    same shapes (a retrained or different checkpoint of the same architecture)."""
+    from tasks.sft import BASE_RECORD
+
+    if adapter.import_from is None or not (Path(adapter.import_from) / BASE_RECORD).is_file():
+        return
+    record_path = Path(adapter.import_from) / BASE_RECORD
+    record = json.loads(record_path.read_text())
+    if record.get("base_key") != base.key:
+        raise FtdError(
+            f"adapters.{adapter.name}.import_from: {adapter.import_from} was trained on base "
+            f"{record.get('base_source')!r} (key {str(record.get('base_key'))[:12]}), but this experiment's base is "
+            f"{base.meta.get('source')!r} (key {base.key[:12]}): use that base model, or retrain the adapter"
+        )
+
+
+def header_shapes_fit(
+    adapter_path: Path, base_shapes: dict[str, tuple[int, ...]], architecture: str, field: str
+) -> None:
+    """Pre-flight: the adapter's LoRA shapes (from its safetensors header, no weights read) against
+    the base model's weight shapes."""
+    from ftd.errors import ConfigError
+    from ftd.integrity import check_safetensors
+    from tasks.merge import LORA_KEY
+
+    file = Path(adapter_path) / "adapter_model.safetensors"
+    if not file.is_file():
+        return  # a legacy .bin: checked tensor by tensor at import
+    try:
+        header = check_safetensors(file)
+    except FtdError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+    for name, (_dtype, shape) in header.items():
+        match = LORA_KEY.match(name)
+        if not match or len(shape) != 2:
+            continue
+        weight = f"{match['module']}.weight"
+        base_name = next(
+            (n for n in base_shapes if n == weight or n.endswith("." + weight) or weight.endswith("." + n)), None
+        )
+        if base_name is None:
+            raise ConfigError(f"{field}: adapter module {match['module']} does not exist in {architecture}")
+        out_features, in_features = base_shapes[base_name]
+        got = shape[1] if match["ab"] == "A" else shape[0]
+        want = in_features if match["ab"] == "A" else out_features
+        if got != want:
+            raise ConfigError(
+                f"{field}: adapter tensor {name} has {got} {'input' if match['ab'] == 'A' else 'output'} features but "
+                f"{architecture}'s {base_name} has {want}: the adapter was trained on another base model"
+            )
+
+
 def check_fits_base(pairs: dict, base_dir: Path, adapter_path: Path, base_name: str) -> None:
     """Every LoRA update must have the shape of the base weight it updates."""
     shapes = weight_shapes(base_dir)

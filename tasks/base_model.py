@@ -56,6 +56,9 @@ def resolve_base(spec: BaseSpec, store: Store) -> Artifact:
     if spec.kind == "builtin":
         return _build_builtin(spec.name, store)
     model_dir = Path(spec.name) if spec.kind == "local" else _download(spec)
+    from ftd.integrity import check_weight_dir
+
+    check_weight_dir(model_dir)  # before hashing: a truncated download is named, not trained on
     content = _weights_digest(model_dir, store)
     key = stage_key(STAGE, code=code_version(__file__), config={"kind": "external"}, inputs=[content], libraries={})
 

@@ -85,6 +85,9 @@ def load_adapter_tensors(adapter_path: Path) -> dict:
 
     st = adapter_path / "adapter_model.safetensors"
     if st.is_file():
+        from ftd.integrity import check_safetensors
+
+        check_safetensors(st)
         return load_file(st)
     legacy = adapter_path / "adapter_model.bin"
     if legacy.is_file():
@@ -197,6 +200,9 @@ class SafetensorsReader:
     def __init__(self, path: Path):
         import struct
 
+        from ftd.integrity import check_safetensors
+
+        check_safetensors(path)  # a truncated or corrupted shard fails here, naming the file
         self.file = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
         (length,) = struct.unpack("<Q", self.file.read(8))
         self.header = json.loads(self.file.read(length))

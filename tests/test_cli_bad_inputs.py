@@ -21,6 +21,16 @@ CASES = {
     "unsupported precision": (["--set", "targets.0.precision=fp8"], r"targets\.onnx-fp32: precision 'fp8' on device 'cpu' is not supported by onnx_genai"),
     "bad override syntax": (["--set", "adapters.0.lora.r"], r"override 'adapters\.0\.lora\.r': expected KEY\.PATH=VALUE"),
     "unreachable tracking server": (["--set", "tracking.uri=http://127.0.0.1:9"], r"tracking\.uri: MLflow server http://127\.0\.0\.1:9 is not reachable"),
+    "experiment name escaping the artifacts dir": (["--set", "experiment=../../etc"], r"`experiment`: String should match pattern"),
+    "adapter name with a path separator": (["--set", "adapters.0.name=a/b"], r"`adapters\.0\.name`: String should match pattern"),
+    "target name '..'": (["--set", "targets.0.name=.."], r"`targets\.0\.name`: String should match pattern"),
+    "duplicate adapter names": (["--set", "adapters.1={name: numbers, data: {train: data/numbers/train.jsonl}}"], r"adapters: names must be unique, repeated: numbers"),
+    "mode the backend lacks": (["--set", "targets.0={name: acc, backend: accessory, mode: multi_lora}"], r"targets\.acc\.mode: accessory supports merged, not multi_lora"),
+    "Accessory model-parallel size not dividing the heads": (["--set", "targets.0={name: acc, backend: accessory, options: {model_parallel_size: 3}}"], r"targets\.acc\.options\.model_parallel_size: 3 does not divide the base model's num_attention_heads=4"),
+    "TensorRT-LLM max_lora_rank below an adapter's rank": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: bf16, device: cuda, options: {max_lora_rank: 4}}"], r"targets\.trt\.options\.max_lora_rank: 4 is below adapter numbers's rank 8"),
+    "TensorRT-LLM bf16 with .npy prefetch": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: bf16, device: cuda, options: {lora_delivery: prefetch}}"], r"lora_delivery: prefetch reads \.npy files.*no bfloat16"),
+    "DashInfer on an unsupported architecture": (["--set", "base_model=builtin:tiny-phi3", "--set", "adapters.0.lora.target_modules=[qkv_proj]", "--set", "targets.0={name: di, backend: dashinfer}"], r"targets\.di: DashInfer serves LlamaForCausalLM, Qwen2ForCausalLM through ftd, not Phi3ForCausalLM"),
+    "unknown backend option": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: fp16, device: cuda, options: {max_rank: 8}}"], r"targets\.trt\.options: unknown key `max_rank`"),
 }  # fmt: skip
 
 

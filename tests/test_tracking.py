@@ -42,3 +42,39 @@ def test_failure_during_registration_rolls_back_versions(tracker: Tracker, tmp_p
     versions = tracker.client.search_model_versions("name = 'm-adapter'")
     assert [v.version for v in versions] == [kept["version"]]  # the earlier, finished one stays
     assert tracker.client.search_model_versions("name = 'm-engine'") == []
+
+
+def test_transient_errors_are_retried_with_backoff_permanent_ones_are_not(monkeypatch) -> None:
+    from ftd import tracking
+    from ftd.errors import FtdError
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("connection reset by peer")
+        return "logged"
+
+    assert tracking.with_retries(flaky, "log metric") == "logged"
+    assert calls["n"] == 3 and sleeps == [0.5, 1.0]  # nothing lost, exponential backoff
+
+    class Permanent(Exception):
+        error_code = next(iter(tracking.PERMANENT_ERRORS))
+
+    def refused():
+        calls["n"] += 1
+        raise Permanent("bad request")
+
+    calls["n"], sleeps[:] = 0, []
+    with pytest.raises(FtdError, match="MLflow: register failed: bad request"):
+        tracking.with_retries(refused, "register")
+    assert calls["n"] == 1 and sleeps == []
+
+    def down():
+        raise ConnectionError("refused")
+
+    with pytest.raises(FtdError, match="MLflow: tag failed after 4 attempts"):
+        tracking.with_retries(down, "tag")

@@ -81,16 +81,23 @@ class EngineOutcome:
 
 
 @flow(name="finetune_to_deploy")
-def finetune_to_deploy(config_path: str, overrides: list[str] | None = None) -> dict:
-    """Fine-tune every adapter of the experiment and deploy it to every target, gated by parity."""
+def finetune_to_deploy(
+    config_path: str, overrides: list[str] | None = None, parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> dict:  # fmt: skip
+    """Fine-tune every adapter of the experiment and deploy it to every target, gated by parity.
+
+    `parent_run_id` / `run_tags`: the MLflow parent run and extra tags (a sweep's, for its points)."""
     cfg = load_config(config_path, overrides or [])
     plan = preflight(cfg)
     store = Store(cfg.artifacts_dir)
     stages = StageLog()
     logger = get_run_logger()
-    with Tracker(cfg) as tracker:
+    with Tracker(cfg, parent_run_id) as tracker:
         tracker.set_tag("prefect.flow_run_id", flow_run.get_id())
         tracker.set_tag("ftd.config_hash", digest(cfg))
+        for tag, value in (run_tags or {}).items():
+            tracker.set_tag(tag, value)
         base = stages.run(resolve_base_task, "base", spec=plan.base, store=store)
         for adapter_cfg in cfg.adapters:  # before any training: an imported adapter from another base
             check_base_record(adapter_cfg, base)

@@ -19,6 +19,20 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config value (repeatable), e.g. --set adapters.0.lora.r=16")  # fmt: skip
         if name == "run":
             p.add_argument("--summary", metavar="PATH", help="also write the run summary as JSON to PATH")
+    p = sub.add_parser("sweep", help="run one flow per point of a sweep, compare, promote the best passing one")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-llama-lora.yaml")
+    p.add_argument("--summary", metavar="PATH", help="also write the sweep summary as JSON to PATH")
+    p = sub.add_parser(
+        "serve",
+        help="deploy the flow for CONFIG to the Prefect server at $PREFECT_API_URL, with an "
+        "optional schedule, and run what it schedules or what the UI triggers",
+    )
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--name", help="deployment name (default: the experiment name)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (nightly at 03:00 UTC)')
+    when.add_argument("--interval", type=int, metavar="SECONDS", help="schedule every N seconds")
     p = sub.add_parser("server", help="start the Prefect and MLflow servers (API + UI) on 127.0.0.1")
     p.add_argument("--artifacts-dir", default="artifacts", help="the stores to serve (default: artifacts)")
     p.add_argument("--prefect-port", type=int, default=4200)
@@ -39,6 +53,10 @@ def _dispatch(args) -> int:
         from ftd.servers import serve
 
         return serve(args.artifacts_dir, args.prefect_port, args.mlflow_port)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "serve":
+        return _serve(args)
     from ftd.config import load_config
     from ftd.environment import configure_environment
 
@@ -58,6 +76,67 @@ def _dispatch(args) -> int:
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
     _print_summary(summary)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return 0
+
+
+def _serve(args) -> int:
+    """A deployment of `finetune_to_deploy` with this config's parameters, served by this process
+    (Prefect's `flow.serve`: no work pool needed; see prefect.yaml for the work-pool path)."""
+    import os
+
+    from ftd.config import load_config
+    from ftd.environment import configure_environment
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise FtdError("ftd serve needs a Prefect server: start `ftd server`, then "
+                       "export PREFECT_API_URL=http://127.0.0.1:4200/api")  # fmt: skip
+    cfg = load_config(args.config, args.overrides)
+    configure_environment(cfg.artifacts_dir)
+    from ftd.preflight import preflight
+
+    preflight(cfg)
+    from flows.finetune_to_deploy import finetune_to_deploy
+
+    name = args.name or cfg.experiment
+    print(f"ftd: serving deployment finetune_to_deploy/{name} from {os.environ['PREFECT_API_URL']} "
+          f"({'cron ' + args.cron if args.cron else f'every {args.interval} s' if args.interval else 'no schedule'})")  # fmt: skip
+    finetune_to_deploy.serve(
+        name=name, cron=args.cron, interval=args.interval, tags=["ftd"],
+        parameters={"config_path": args.config, "overrides": args.overrides},
+        description=f"ftd experiment {cfg.experiment} ({args.config})",
+    )  # fmt: skip
+    return 0
+
+
+def _sweep(args) -> int:
+    from ftd.config import load_config
+    from ftd.environment import configure_environment
+    from ftd.sweep import load_sweep
+
+    spec, runs = load_sweep(args.sweep)
+    configs = [load_config(spec.base, overrides) for overrides in runs]
+    if len({str(c.artifacts_dir) for c in configs}) != 1:
+        from ftd.errors import ConfigError
+
+        raise ConfigError(f"{args.sweep}: every point must share one artifacts_dir (their cached steps are shared)")
+    configure_environment(configs[0].artifacts_dir)
+    from ftd.preflight import preflight
+    from ftd.tracking import check_reachable, tracking_uri
+
+    for config in configs:  # every point's inputs, before the first one trains
+        preflight(config)
+    check_reachable(tracking_uri(configs[0]))
+    from flows.sweep import sweep
+
+    summary = sweep(sweep_path=args.sweep)
+    print(f"\nftd: sweep {summary['sweep']} done; MLflow parent run {summary['mlflow_parent_run_id']}")
+    for row in summary["points"]:
+        print("  " + " | ".join(f"{k}={v}" for k, v in row.items()))
+    champion = summary["champion"]
+    print("  promoted: " + ("; ".join(champion["aliases"]) if champion else "nothing (no point passed its gates)"))
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(summary, f, indent=2, default=str)

@@ -69,10 +69,12 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, first_delay:
 class Tracker:
     """The MLflow run of one flow run."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None = None, run_name: str | None = None):
         import mlflow
 
         self.cfg = cfg
+        self.parent_run_id = parent_run_id
+        self.run_name = run_name or cfg.experiment
         self.mlflow = mlflow
         self.uri = tracking_uri(cfg)
         check_reachable(self.uri)
@@ -91,7 +93,10 @@ class Tracker:
             experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        run = with_retries(lambda: self.client.create_run(experiment_id, run_name=self.cfg.experiment), "create run")
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+        run = with_retries(
+            lambda: self.client.create_run(experiment_id, run_name=self.run_name, tags=tags), "create run"
+        )
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
         params = [self.mlflow.entities.Param(k, v[:6000]) for k, v in flatten(self.cfg).items()]
@@ -184,6 +189,10 @@ class Tracker:
                     self.client.delete_model_version(name, version)
             del self.created_versions[start:]
             raise
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        """Point `models:/<name>@<alias>` at `version` (moves the alias if it was elsewhere)."""
+        with_retries(lambda: self.client.set_registered_model_alias(model_name, alias, version), f"alias {alias}")
 
     def find_version(self, model_name: str, key: str):
         try:

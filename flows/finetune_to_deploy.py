@@ -123,6 +123,7 @@ def finetune_to_deploy(
             raise GateFailed("; ".join(str(f) for f in failures))
         return {
             "experiment": cfg.experiment,
+            "prefect_flow_run_id": str(flow_run.get_id()),
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri,
             "stages": [vars(r) for r in stages.records],

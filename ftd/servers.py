@@ -38,6 +38,8 @@ def start_servers(artifacts_dir: Path, prefect_port: int, mlflow_port: int, log_
     configure_environment(artifacts_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # The UI calls the API at this URL; Prefect's default is port 4200 whatever port it serves on.
+    env["PREFECT_UI_API_URL"] = env["PREFECT_SERVER_UI_API_URL"] = f"http://{HOST}:{prefect_port}/api"
     commands = {
         "prefect": ([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(prefect_port)],
                     f"http://{HOST}:{prefect_port}/api/health", f"http://{HOST}:{prefect_port}"),

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ftd.config import AdapterConfig
+from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
 from tasks.base_model import model_dir
 from tasks.data import load_split
@@ -95,7 +96,7 @@ def _train(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     settings, lora = adapter.sft, adapter.lora
@@ -105,9 +106,22 @@ def _train(
     train_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in load_split(data, store, "train")]
 
     class LogToLogger(TrainerCallback):
+        """Loss lines in the log; step progress in the terminal and as a Prefect progress artifact."""
+
+        progress = None
+        loss = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress(f"sft {adapter.name}", state.max_steps)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
+                self.loss = logs["loss"]
                 log.info("sft %s step %d/%d loss %.4f", adapter.name, state.global_step, state.max_steps, logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(state.global_step, "" if self.loss is None else f"loss {self.loss:.4f}")
 
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -153,6 +167,7 @@ def _train(
     resume = last_complete_checkpoint(checkpoints) if settings.save_steps else None
     if resume is not None:
         log.info("sft %s: resuming from %s", adapter.name, resume)
+    trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout: progress lines replace them
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started

@@ -31,7 +31,7 @@ CLOSED_NETWORK = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "-
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900,
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=300,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
         found = shutil.which("chromium")
     if found is None:

@@ -9,6 +9,7 @@ machine allows it; otherwise the test is skipped with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -31,11 +32,9 @@ CLOSED_NETWORK = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "-
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # no apt access: skipped below
             subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=300,
                            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            pass
         found = shutil.which("chromium")
     if found is None:
         pytest.skip("chromium is not installed and could not be installed here (apt-get install chromium)")

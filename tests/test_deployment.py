@@ -42,6 +42,15 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 240) -> None:
     raise AssertionError(f"{url} not up after {timeout} s")
 
 
+def against(api: str):
+    """Point this process's Prefect client at `api`. (Prefect reads its settings once per process:
+    changing os.environ after another test imported prefect would be ignored, and the client would
+    quietly start a temporary server of its own.)"""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: api})
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -71,11 +80,8 @@ def test_served_deployment_is_scheduled_and_runs_when_triggered(tmp_path: Path) 
             cwd=ROOT, env=client_env, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        os.environ["PREFECT_API_URL"] = api  # for this test's own client calls
-        try:
+        with against(api):  # this test's own client calls
             state, report, schedules = asyncio.run(_trigger_and_wait(served, tmp_path))
-        finally:
-            del os.environ["PREFECT_API_URL"]
         assert schedules and schedules[0] == "0 3 * * *"
         assert state == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert report is not None and "## Registered versions" in report
@@ -87,11 +93,8 @@ def test_served_deployment_is_scheduled_and_runs_when_triggered(tmp_path: Path) 
         deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT,
                                 env=client_env, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-        os.environ["PREFECT_API_URL"] = api
-        try:
+        with against(api):
             names = asyncio.run(_deployments())
-        finally:
-            del os.environ["PREFECT_API_URL"]
         assert names["finetune_to_deploy/tiny-llama-nightly"] == ["0 3 * * *"]
         assert "ftd_sweep/tiny-llama-lora-sweep" in names
     finally:

@@ -69,9 +69,11 @@ def _dispatch(args) -> int:
         print(f"ftd: {args.config} is valid: {len(cfg.adapters)} adapter(s), {len(cfg.targets)} target(s), "
               f"base {cfg.base_model} ({plan.architecture})")  # fmt: skip
         return 0
+    from ftd.environment import prepare_local_stores
     from ftd.tracking import check_reachable, tracking_uri
 
     check_reachable(tracking_uri(cfg))
+    prepare_local_stores(cfg.artifacts_dir, tracking_uri(cfg))
     from flows.finetune_to_deploy import finetune_to_deploy
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
@@ -129,6 +131,9 @@ def _sweep(args) -> int:
     for config in configs:  # every point's inputs, before the first one trains
         preflight(config)
     check_reachable(tracking_uri(configs[0]))
+    from ftd.environment import prepare_local_stores
+
+    prepare_local_stores(configs[0].artifacts_dir, tracking_uri(configs[0]))
     from flows.sweep import sweep
 
     summary = sweep(sweep_path=args.sweep)

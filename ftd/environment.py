@@ -20,3 +20,27 @@ def configure_environment(artifacts_dir: Path) -> None:
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
+    """Create or migrate the SQLite databases of Prefect and MLflow one process at a time.
+
+    Two `ftd run`s sharing an artifacts folder would otherwise both migrate the same fresh
+    databases at once (Prefect's temporary server at start-up, MLflow at its first call), and one
+    of them fails with "duplicate column" / "table already exists". Once migrated, SQLite's own
+    locking is enough for the runs' writes."""
+    import asyncio
+    import fcntl
+
+    locks = Path(artifacts_dir).resolve() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / "databases.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.environ.get("PREFECT_API_URL"):  # the temporary server will use PREFECT_HOME's database
+            from prefect.server.database import provide_database_interface
+
+            asyncio.run(provide_database_interface().create_db())
+        if tracking_uri.startswith("sqlite:///"):
+            import mlflow
+
+            mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)

@@ -100,6 +100,10 @@ def _serve(args) -> int:
     from ftd.preflight import preflight
 
     preflight(cfg)
+    from ftd.environment import prepare_local_stores
+    from ftd.tracking import tracking_uri
+
+    prepare_local_stores(cfg.artifacts_dir, tracking_uri(cfg))
     from flows.finetune_to_deploy import finetune_to_deploy
 
     name = args.name or cfg.experiment

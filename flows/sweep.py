@@ -22,7 +22,7 @@ from ftd.tracking import Tracker, with_retries
 @flow(name="ftd_sweep")
 def sweep(sweep_path: str) -> dict:
     """Run every point of the sweep, compare them, promote the best one that passed its gates."""
-    spec, runs = load_sweep(sweep_path)
+    spec, runs, _configs = load_sweep(sweep_path)
     logger = get_run_logger()
     base_cfg = load_config(spec.base, spec.overrides)
     with Tracker(base_cfg, run_name=f"sweep-{spec.name}") as parent:

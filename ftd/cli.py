@@ -118,12 +118,10 @@ def _serve(args) -> int:
 
 
 def _sweep(args) -> int:
-    from ftd.config import load_config
     from ftd.environment import configure_environment
     from ftd.sweep import load_sweep
 
-    spec, runs = load_sweep(args.sweep)
-    configs = [load_config(spec.base, overrides) for overrides in runs]
+    _spec, _runs, configs = load_sweep(args.sweep)
     if len({str(c.artifacts_dir) for c in configs}) != 1:
         from ftd.errors import ConfigError
 

@@ -100,6 +100,15 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Place a stored file in another artifact: a hard link (no bytes copied), or a copy across devices."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def stage_key(stage: str, *, code: str, config: Any, inputs: Iterable[str], libraries: dict[str, str]) -> str:
     return digest({"stage": stage, "code": code, "config": config, "inputs": list(inputs), "libs": libraries})
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ftd.config import NAME_PATTERN, describe_validation_error, load_config
+from ftd.config import NAME_PATTERN, ExperimentConfig, describe_validation_error, load_config
 from ftd.errors import ConfigError
 
 
@@ -70,8 +70,8 @@ def point_overrides(point: dict[str, Any]) -> list[str]:
             for key, value in point.items()]  # fmt: skip
 
 
-def load_sweep(path: str | Path) -> tuple[SweepConfig, list[list[str]]]:
-    """The sweep and, per point, its full override list; every point's config is validated."""
+def load_sweep(path: str | Path) -> tuple[SweepConfig, list[list[str]], list[ExperimentConfig]]:
+    """The sweep and, per point, its full override list and validated config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
@@ -82,14 +82,14 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[list[str]]]:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from None
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
-    runs = []
+    runs, configs = [], []
     for i, point in enumerate(sweep.expand()):
         overrides = [*sweep.overrides, *point_overrides(point)]
         try:
-            load_config(sweep.base, overrides)
+            configs.append(load_config(sweep.base, overrides))
         except ConfigError as exc:
             raise ConfigError(f"{path}: point {i} ({', '.join(point_overrides(point))}): {exc}") from None
         runs.append(overrides)
     if not runs:
         raise ConfigError(f"{path}: the sweep has no points")
-    return sweep, runs
+    return sweep, runs, configs

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import numpy as np
 
 from ftd.config import TargetConfig
 from ftd.errors import FtdError
-from ftd.store import Artifact, Store, code_version, library_versions, stage_key
+from ftd.store import Artifact, Store, code_version, library_versions, link_or_copy, stage_key
 from tasks.backends import Generation
 from tasks.base_model import model_dir
 
@@ -235,25 +234,18 @@ def assemble_bundle(graph: Artifact, exports: list[Artifact], store: Store) -> A
     def build(tmp: Path) -> dict:
         for item in graph.path(store).iterdir():
             if item.is_file() and item.name != "ftd-manifest.json":
-                _link_or_copy(item, tmp / item.name)
+                link_or_copy(item, tmp / item.name)
         (tmp / "adapters").mkdir()
         manifest = {"base_graph": graph.key, "adapters": {}}
         for export in exports:
             name = export.meta["adapter_name"]
-            _link_or_copy(export.path(store) / export.meta["file"], tmp / "adapters" / export.meta["file"])
+            link_or_copy(export.path(store) / export.meta["file"], tmp / "adapters" / export.meta["file"])
             manifest["adapters"][name] = {"file": f"adapters/{export.meta['file']}", "key": export.key,
                                           "ranks": export.meta["ranks"]}  # fmt: skip
         (tmp / "adapters.json").write_text(json.dumps(manifest, indent=2))
         return {"adapters": sorted(manifest["adapters"]), "graph": graph.key}
 
     return store.materialize(BUNDLE, bundle_key(graph, exports), build, lineage={"graph": graph.key})
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 class MultiLoraEngine:

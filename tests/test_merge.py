@@ -37,18 +37,25 @@ def build_base(path: Path, model_cls=LlamaForCausalLM, config=None, dtype=torch.
     return path
 
 
-def make_adapter(base_dir: Path, adapter_dir: Path, *, dtype=torch.float32, autocast_adapter_dtype=True, **lora):
-    """Save a peft LoRA adapter with random A and B; return peft's merged model for comparison."""
+def random_peft(
+    base_dir: Path, adapter_dir: Path, *, dtype=torch.float32, autocast_adapter_dtype=True, seed: int = 1, **lora
+):  # fmt: skip
+    """Save a peft LoRA adapter with random, non-trivial A and B; return the live peft model."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     lora = {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, **lora}
     peft_model = get_peft_model(model, LoraConfig(**lora), autocast_adapter_dtype=autocast_adapter_dtype)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-    return peft_model.merge_and_unload().eval()
+    return peft_model
+
+
+def make_adapter(base_dir: Path, adapter_dir: Path, **kwargs):
+    """A random adapter saved to `adapter_dir`; returns peft's merged model for comparison."""
+    return random_peft(base_dir, adapter_dir, **kwargs).merge_and_unload().eval()
 
 
 def merge(base_dir: Path, adapter_dir: Path, out: Path, **settings) -> dict:

@@ -85,6 +85,6 @@ def test_points_are_validated_before_anything_runs(tmp_path: Path) -> None:
         points=None,
         grid={"adapters.0.lora.r": [4, 8], "smoke.max_new_tokens": [4, 8, 16]},
     )
-    spec, runs = load_sweep(grid)
+    spec, runs, _configs = load_sweep(grid)
     assert len(runs) == 6 and runs[0][-2:] == ["adapters.0.lora.r=4", "smoke.max_new_tokens=4"]
     assert point_overrides({"a.b": [1, 2], "c": "x y"}) == ["a.b=[1, 2]", "c=x y"]

@@ -11,29 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM
 
 from ftd.errors import FtdError
 from tasks.trtllm import lora as trt
-from tests.test_merge import LLAMA, PHI3_TARGETS, build_base
+from tests.test_merge import LLAMA, PHI3_TARGETS, build_base, random_peft
 
 PHI3 = dict(LLAMA, pad_token_id=0)
 
 
 def make_peft(base_dir: Path, out: Path, **lora) -> torch.nn.Module:
     """Save a random, non-trivial adapter; return the live peft model for ΔW comparisons."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], **lora}  # fmt: skip
-    peft_model = get_peft_model(model, LoraConfig(**config))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft_model.save_pretrained(out, safe_serialization=True)
-    return peft_model
+    return random_peft(base_dir, out, seed=3, **lora)
 
 
 def peft_deltas(peft_model) -> dict[tuple[int, str], np.ndarray]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from ftd.config import TargetConfig
+from ftd.config import TargetConfig, describe_validation_error
 from ftd.errors import ConfigError
 
 
@@ -42,6 +43,17 @@ class Backend(Protocol):
         """Write the engine into `out`; return metadata (sizes, times, command)."""
 
     def open(self, engine_dir: Path, target: TargetConfig) -> Engine: ...
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def parse_options(target: TargetConfig, schema: type[OptionsT]) -> OptionsT:
+    """A target's backend-specific `options`, validated by the backend's schema; errors name the key path."""
+    try:
+        return schema.model_validate(target.options)
+    except ValidationError as exc:
+        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ftd.config import TargetConfig, describe_validation_error
+from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
-from tasks.backends import Generation, register
+from tasks.backends import Generation, parse_options, register
 
 NAME = "accessory"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -29,10 +29,7 @@ class AccessoryOptions(BaseModel):
 
 
 def options_of(target: TargetConfig) -> AccessoryOptions:
-    try:
-        return AccessoryOptions.model_validate(target.options)
-    except ValidationError as exc:
-        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
+    return parse_options(target, AccessoryOptions)
 
 
 class Accessory:

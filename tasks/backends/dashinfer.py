@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ftd.config import TargetConfig, describe_validation_error
+from ftd.config import TargetConfig
 from ftd.errors import ConfigError
-from tasks.backends import Generation, register
+from tasks.backends import Generation, parse_options, register
 from tasks.dashinfer import env
 
 NAME = "dashinfer"
@@ -45,10 +45,7 @@ class DashInferOptions(BaseModel):
 
 
 def options_of(target: TargetConfig) -> DashInferOptions:
-    try:
-        return DashInferOptions.model_validate(target.options)
-    except ValidationError as exc:
-        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
+    return parse_options(target, DashInferOptions)
 
 
 class DashInfer:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ftd.config import TargetConfig, describe_validation_error
+from ftd.config import TargetConfig
 from ftd.errors import ConfigError
-from tasks.backends import register
+from tasks.backends import parse_options, register
 from tasks.trtllm.lora import DTYPES, HF_TO_TRT
 
 NAME = "tensorrt_llm"
@@ -61,10 +60,7 @@ class TrtLlmOptions(BaseModel):
 
 
 def options_of(target: TargetConfig) -> TrtLlmOptions:
-    try:
-        return TrtLlmOptions.model_validate(target.options)
-    except ValidationError as exc:
-        raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
+    return parse_options(target, TrtLlmOptions)
 
 
 class TensorRtLlm:
@@ -152,10 +148,6 @@ def build_commands(
     if modules:
         build += ["--lora_plugin", dtype, "--lora_target_modules", *modules, "--max_lora_rank", str(max_rank)]
     return [["python3", "-c", convert], build]
-
-
-def shell(commands: list[list[str]]) -> str:
-    return "\n".join(shlex.join(c) for c in commands)
 
 
 register(TensorRtLlm())

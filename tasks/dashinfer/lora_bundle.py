@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from ftd.errors import FtdError
-from tasks.trtllm.bundle import link_or_copy
+from ftd.store import link_or_copy
 
 LAUNCH = "launch_dashinfer.py"
 MANIFEST = "bundle.json"

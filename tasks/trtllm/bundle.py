@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ftd.store import link_or_copy
+from tasks.merge import TOKENIZER_FILES
 from tasks.trtllm import lora as trt
 from tasks.trtllm import triton
 
@@ -32,10 +33,6 @@ MANIFEST = "bundle.json"
 FORMAT = "ftd-triton-tensorrt-llm/1"
 REPOSITORY = "model_repository"
 ENGINE_VERSION_DIR = f"{REPOSITORY}/{triton.ENGINE}/1"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja",
-)  # fmt: skip
 MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 
 
@@ -66,14 +63,6 @@ class BundleSpec:
     engine_skip_reason: str | None = None
     example_prompt: str = "Hello"
     mount: str = "/ftd-bundle"
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def write_bundle(spec: BundleSpec, out: Path) -> dict:

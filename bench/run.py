@@ -32,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import synth
+from bench.pipeline import bench_pipeline, pipeline_markdown, pipeline_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -487,7 +488,7 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
 
 
 def targets(results: dict) -> list[dict]:
-    rows = []
+    rows = pipeline_targets(results["pipeline"]) if results.get("pipeline") else []
     merge = results.get("merge")
     if merge:
         r = merge["ratio"]
@@ -536,9 +537,12 @@ def markdown(results: dict) -> str:
         "",
         "Each figure: median (min–max) of the runs; ratios are per round (candidate and baseline back to back).",
         "",
-        "| benchmark | ours / candidate | baseline | ratio | target | met |",
-        "|---|---|---|---|---|---|",
     ]
+    if results.get("pipeline"):
+        lines += pipeline_markdown(results["pipeline"])
+    if results.get("merge") or results.get("decode"):
+        lines += ["### Merge and decode", "", "| benchmark | ours / candidate | baseline | ratio | target | met |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
     merge = results.get("merge")
     tmap = {t["name"]: t for t in results["targets"]}
 
@@ -623,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="small models, no scaling checkpoints (~2 min smoke check)"
     )
-    parser.add_argument("--only", choices=["merge", "decode"], help="run one part only")
+    parser.add_argument("--only", choices=["pipeline", "merge", "decode"], help="run one part only")
     parser.add_argument("--skip-large", action="store_true", help="skip the checkpoint above half of RAM")
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()), help="scratch space (default /tmp)"
@@ -633,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads}
     started = time.time()
-    deadline = started + args.budget_s - 300  # keep ~5 min for decode
+    # Merge runs first; keep ~5 min for decode and ~12 min for the pipeline part.
+    deadline = started + args.budget_s - 300 - (720 if args.only in (None, "pipeline") and not args.quick else 0)
 
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
@@ -658,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             results["scaling"], results["skipped"] = scaling, results["skipped"] + skipped
         if args.only in (None, "decode"):
             results["decode"] = bench_decode(work, plan, results["bandwidth"], log)
+        if args.only in (None, "pipeline"):
+            results["pipeline"] = bench_pipeline(work, args.quick, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average"]["end"] = list(os.getloadavg())

@@ -39,7 +39,7 @@ from tasks.orchestrated import (
     trt_engine_task,
     trt_lora_task,
 )
-from tasks.sft import adapter_dir
+from tasks.sft import LOSS_CURVE, adapter_dir
 
 
 @dataclass
@@ -234,7 +234,7 @@ def _log_and_register(
     for a in adapters:
         sft_meta, ref_meta = a.adapter.meta, a.reference.meta
         if sft_meta.get("loss_curve"):
-            tracker.log_curve(f"{a.name}.train_loss", sft_meta["loss_curve"])
+            tracker.log_curve(f"{a.name}.train_loss", sft_meta["loss_curve"], a.adapter.path(store) / LOSS_CURVE)
         tracker.log_metrics({
             f"{a.name}.train_seconds": sft_meta.get("train_seconds"),
             f"{a.name}.tokens_per_second": sft_meta.get("tokens_per_second"),

@@ -82,9 +82,15 @@ class SftSettings(Section):
     save_steps: int = Field(
         100, ge=0, description="Checkpoint every N steps; a killed run resumes from the last one (0: never)."
     )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass to save memory. Default: on for GPU "
+        "training, off on CPU, where memory is plentiful and it costs ~30% of the throughput "
+        "(TRL turns it on everywhere).",
+    )
 
     # Settings that change how training is run, not what it produces: not part of the cache key.
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"save_steps"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"save_steps", "gradient_checkpointing"})
 
     @field_validator("max_steps")
     @classmethod

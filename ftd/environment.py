@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,10 +29,13 @@ def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
     Two `ftd run`s sharing an artifacts folder would otherwise both migrate the same fresh
     databases at once (Prefect's temporary server at start-up, MLflow at its first call), and one
     of them fails with "duplicate column" / "table already exists". Once migrated, SQLite's own
-    locking is enough for the runs' writes."""
+    locking is enough for the runs' writes. A marker records the library versions that migrated
+    them, so later runs skip the ~3 s of schema checks until Prefect or MLflow is upgraded."""
     import asyncio
     import fcntl
 
+    if stores_ready(artifacts_dir, tracking_uri):
+        return
     locks = Path(artifacts_dir).resolve() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / "databases.lock", "w") as lock:
@@ -44,3 +48,39 @@ def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
             import mlflow
 
             mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+        marker = _ready_marker(artifacts_dir)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(_ready_stamp(tracking_uri))
+        tmp.replace(marker)
+
+
+def stores_ready(artifacts_dir: Path, tracking_uri: str) -> bool:
+    """True when both local databases exist and were migrated by the installed Prefect and MLflow."""
+    marker = _ready_marker(artifacts_dir)
+    if not marker.is_file() or marker.read_text() != _ready_stamp(tracking_uri):
+        return False
+    needed = [] if os.environ.get("PREFECT_API_URL") else [_prefect_database()]
+    if tracking_uri.startswith("sqlite:///"):
+        needed.append(Path(tracking_uri.removeprefix("sqlite:///")))
+    return all(p is not None and p.is_file() for p in needed)
+
+
+def _ready_marker(artifacts_dir: Path) -> Path:
+    return Path(artifacts_dir).resolve() / "locks" / "databases.ready"
+
+
+def _ready_stamp(tracking_uri: str) -> str:
+    from importlib.metadata import version
+
+    return json.dumps({"prefect": version("prefect"), "mlflow": version("mlflow"), "tracking_uri": tracking_uri,
+                       "prefect_database": str(_prefect_database())})  # fmt: skip
+
+
+def _prefect_database() -> Path | None:
+    """The SQLite file Prefect's temporary server uses (PREFECT_HOME/prefect.db unless configured)."""
+    url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+    )
+    if url:
+        return Path(url.split(":///", 1)[1]) if url.startswith("sqlite") and ":///" in url else None
+    return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "prefect.db"

@@ -41,7 +41,8 @@ def preflight(cfg: ExperimentConfig) -> Plan:
             check_weight_dir(Path(spec.name))
         except FtdError as exc:
             raise ConfigError(f"base_model: {exc}") from None
-    architecture, modules, model_config, shapes = _inspect_base(spec, cfg.trust_remote_code)
+    inspection_file, inspection = _cached_inspection(spec, cfg)
+    architecture, modules, model_config, shapes = inspection or _inspect_base(spec, cfg.trust_remote_code)
     for adapter in cfg.adapters:
         field, targets = f"adapters.{adapter.name}.lora.target_modules", adapter.lora.target_modules
         if adapter.import_from is not None:
@@ -68,7 +69,49 @@ def preflight(cfg: ExperimentConfig) -> Plan:
             backend.check_model(target, model_config)
         if hasattr(backend, "check_adapters"):
             backend.check_adapters(target, [_adapter_summary(a) for a in cfg.adapters])
+    if inspection is None and inspection_file is not None:  # only once every check has passed
+        _save_inspection(inspection_file, architecture, modules, model_config, shapes)
     return Plan(base=spec, architecture=architecture)
+
+
+def _cached_inspection(spec: BaseSpec, cfg: ExperimentConfig) -> tuple[Path | None, tuple | None]:
+    """The base model's inspection from an earlier run, keyed by the config's content.
+
+    Inspecting builds a meta-device model, which means importing transformers' modeling code: ~4 s
+    that a rerun would otherwise pay before it can find that every step is cached. The key is the
+    model config's bytes (or the builtin's code), transformers' version and trust_remote_code;
+    a hub model's config must be fetched for it, so hub bases are always inspected."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from ftd.store import code_version
+
+    if spec.kind == "builtin":
+        content = f"{spec.name}:{code_version(builtin_models.__file__)}".encode()
+    elif spec.kind == "local" and (Path(spec.name) / "config.json").is_file():
+        content = (Path(spec.name) / "config.json").read_bytes()
+    else:
+        return None, None
+    key = hashlib.sha256(b"\0".join([content, version("transformers").encode(), str(cfg.trust_remote_code).encode()]))
+    path = Path(cfg.artifacts_dir) / "cache" / "preflight" / f"{key.hexdigest()[:24]}.json"
+    try:
+        data = json.loads(path.read_text())
+        shapes = {name: tuple(shape) for name, shape in data["shapes"].items()}
+        return path, (data["architecture"], set(data["modules"]), data["config"], shapes)
+    except (OSError, ValueError, KeyError):
+        return path, None
+
+
+def _save_inspection(path: Path, architecture: str, modules: set[str], config: dict, shapes: dict) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    record = {"architecture": architecture, "modules": sorted(modules), "config": config, "shapes": shapes}
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)
 
 
 def _adapter_summary(adapter) -> dict:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def start_servers(artifacts_dir: Path, prefect_port: int, mlflow_port: int, log_
     return servers
 
 
-def wait_healthy(servers: list[Server], timeout: float = 180.0) -> None:
+def wait_healthy(servers: list[Server], timeout: float = 180.0, interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     pending = list(servers)
     while pending:
@@ -70,20 +71,67 @@ def wait_healthy(servers: list[Server], timeout: float = 180.0) -> None:
                 pass
         if pending and time.monotonic() > deadline:
             raise FtdError(f"{', '.join(s.name for s in pending)} not healthy after {timeout:.0f} s")
-        time.sleep(0.5)
+        time.sleep(interval)
 
 
-def stop_servers(servers: list[Server]) -> None:
+def stop_servers(servers: list[Server], grace: float = 15) -> None:
     for server in servers:
         if server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGTERM)
     for server in servers:
         try:
-            server.process.wait(timeout=15)
+            server.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
         with suppress(ProcessLookupError):  # children left in the group (MLflow's job runners)
             os.killpg(server.process.pid, signal.SIGKILL)
+
+
+def start_run_api_server(artifacts_dir: Path, tracking_uri: str) -> Callable[[], None] | None:
+    """Prefect's API for one `ftd run`, started at once in its own process; returns `wait`.
+
+    Without PREFECT_API_URL, Prefect starts a temporary server itself, but only when the flow
+    begins, and it imports Prefect's server into the run's process first: ~5 s before the first
+    task. This starts the same server (Prefect's uvicorn app, UI off, on the same database) in
+    the background while the pre-flight checks run, and points PREFECT_API_URL at it. Call only
+    when the database is already migrated (`environment.stores_ready`): migrations stay under
+    `prepare_local_stores`'s lock. `wait()` blocks until the API answers (falling back to
+    Prefect's own temporary server if this one died). The server is stopped when the process exits,
+    after Prefect's exit handlers have sent their last logs and events. Returns None, starting
+    nothing, when PREFECT_API_URL names a server or the stores are not migrated yet."""
+    import atexit
+    import socket
+    from importlib.util import find_spec
+
+    from ftd.environment import stores_ready
+
+    if os.environ.get("PREFECT_API_URL") or not stores_ready(artifacts_dir, tracking_uri):
+        return None
+    log_dir = Path(artifacts_dir).resolve() / "logs"
+
+    with socket.socket() as sock:  # a free port; the server binds it a moment later
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    prefect_dir = Path(find_spec("prefect").origin).parent
+    env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "prefect-run-server.log", "ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server("prefect", process, f"http://{HOST}:{port}/api/health", f"http://{HOST}:{port}")
+    os.environ["PREFECT_API_URL"] = f"{server.ui_url}/api"
+    atexit.register(stop_servers, [server], 5)  # registered before Prefect's: runs after them
+
+    def wait() -> None:
+        try:
+            wait_healthy([server], timeout=180.0, interval=0.05)
+        except FtdError:
+            stop_servers([server], 5)
+            os.environ.pop("PREFECT_API_URL")  # Prefect starts its own temporary server instead
+
+    return wait
 
 
 def serve(artifacts_dir: Path, prefect_port: int, mlflow_port: int) -> int:

@@ -66,6 +66,31 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, first_delay:
     raise AssertionError("unreachable")
 
 
+def render_loss_curve(points: list[dict], title: str, path: Path) -> None:
+    """Training loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p["step"] for p in points], [p["loss"] for p in points], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def preload(uri: str) -> None:
+    """Import MLflow and open the tracking store now (the store is cached per URI), while
+    something else is being waited for, rather than when the flow's first log call needs it."""
+    import mlflow
+
+    mlflow.MlflowClient(uri)
+
+
 class Tracker:
     """The MLflow run of one flow run."""
 
@@ -124,30 +149,26 @@ class Tracker:
         if batch:
             with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch), "log metrics")
 
-    def log_curve(self, name: str, points: list[dict], x: str = "step", y: str = "loss") -> None:
+    def log_curve(self, name: str, points: list[dict], png: Path | None = None) -> None:
+        """The curve as an MLflow metric history, and its plot (rendered at training time, so a
+        rerun whose training is cached does not load matplotlib) as plots/<name>.png."""
+        import shutil
+        import tempfile
+
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(_metric_name(name), float(p[y]), now, int(p[x])) for p in points]
+        batch = [Metric(_metric_name(name), float(p["loss"]), now, int(p["step"])) for p in points]
         for start in range(0, len(batch), 500):
             part = batch[start : start + 500]
             with_retries(lambda part=part: self.client.log_batch(self.run_id, metrics=part), "log curve")
-        self._log_curve_png(name, points, x, y)
-
-    def _log_curve_png(self, name: str, points: list[dict], x: str, y: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([p[x] for p in points], [p[y] for p in points], marker=".")
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(name)
-        fig.tight_layout()
-        with_retries(lambda: self.client.log_figure(self.run_id, fig, f"plots/{_metric_name(name)}.png"), "log figure")
-        plt.close(fig)
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / f"{_metric_name(name)}.png"
+            if png is not None and png.is_file():
+                shutil.copyfile(png, named)
+            else:
+                render_loss_curve(points, name, named)
+            with_retries(lambda: self.client.log_artifact(self.run_id, str(named), "plots"), "log plot")
 
     def log_text(self, text: str, path: str) -> None:
         with_retries(lambda: self.client.log_text(self.run_id, text, path), f"log {path}")

@@ -22,6 +22,7 @@ from tasks.modeling import load_model, load_tokenizer, resolve_dtype
 
 STAGE = "adapter"
 BASE_RECORD = "ftd-base.json"
+LOSS_CURVE = "loss_curve.png"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 log = logging.getLogger("ftd.sft")
 
@@ -47,6 +48,10 @@ def train_adapter(
         checkpoints = checkpoint_dir(store, key)
         meta = _train(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
         (tmp / "adapter" / BASE_RECORD).write_text(json.dumps(base_record(base), indent=2))
+        if meta["loss_curve"]:
+            from ftd.tracking import render_loss_curve
+
+            render_loss_curve(meta["loss_curve"], f"{adapter.name}.train_loss", tmp / LOSS_CURVE)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is complete: nothing left to resume
         return meta
 
@@ -96,7 +101,7 @@ def _train(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     settings, lora = adapter.sft, adapter.lora
@@ -144,6 +149,11 @@ def _train(
         report_to=[],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=torch.cuda.is_available()
+        if settings.gradient_checkpointing is None
+        else settings.gradient_checkpointing,
+        # Explicit: TRL otherwise trains in bf16 autocast (on CPU too), which neither matches
+        # the configured dtype nor runs faster on CPU.
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
     )
@@ -156,6 +166,9 @@ def _train(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # The trainer seeds only when it is built, after peft has drawn the LoRA A matrices: without this
+    # their initial values (and so the adapter) would depend on whatever ran before in the process.
+    set_seed(settings.seed)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -637,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads}
     started = time.time()
-    # Merge runs first; keep ~5 min for decode and ~12 min for the pipeline part.
-    deadline = started + args.budget_s - 300 - (720 if args.only in (None, "pipeline") and not args.quick else 0)
+    # Merge runs first; keep ~4 min for decode and ~12 min for the pipeline part (the checkpoint
+    # above half of RAM gets fewer repeats, or none, when the budget is short).
+    deadline = started + args.budget_s - 250 - (700 if args.only in (None, "pipeline") and not args.quick else 0)
 
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.0f}s] {message}", flush=True)

@@ -50,14 +50,14 @@ def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
             mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
         marker = _ready_marker(artifacts_dir)
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(_ready_stamp(tracking_uri))
+        tmp.write_text(_ready_stamp(artifacts_dir, tracking_uri))
         tmp.replace(marker)
 
 
 def stores_ready(artifacts_dir: Path, tracking_uri: str) -> bool:
     """True when both local databases exist and were migrated by the installed Prefect and MLflow."""
     marker = _ready_marker(artifacts_dir)
-    if not marker.is_file() or marker.read_text() != _ready_stamp(tracking_uri):
+    if not marker.is_file() or marker.read_text() != _ready_stamp(artifacts_dir, tracking_uri):
         return False
     needed = [] if os.environ.get("PREFECT_API_URL") else [_prefect_database()]
     if tracking_uri.startswith("sqlite:///"):
@@ -69,11 +69,18 @@ def _ready_marker(artifacts_dir: Path) -> Path:
     return Path(artifacts_dir).resolve() / "locks" / "databases.ready"
 
 
-def _ready_stamp(tracking_uri: str) -> str:
+def _ready_stamp(artifacts_dir: Path, tracking_uri: str) -> str:
+    """What the marker vouches for. Paths inside the artifacts folder are recorded relative to it,
+    so a copied or moved folder (databases included) is still recognised as migrated."""
     from importlib.metadata import version
 
-    return json.dumps({"prefect": version("prefect"), "mlflow": version("mlflow"), "tracking_uri": tracking_uri,
-                       "prefect_database": str(_prefect_database())})  # fmt: skip
+    root = Path(artifacts_dir).resolve()
+
+    def relative(value: str) -> str:
+        return value.replace(str(root), "<artifacts>")
+
+    return json.dumps({"prefect": version("prefect"), "mlflow": version("mlflow"), "tracking_uri": relative(tracking_uri),
+                       "prefect_database": relative(str(_prefect_database()))})  # fmt: skip
 
 
 def _prefect_database() -> Path | None:

@@ -119,7 +119,8 @@ def start_run_api_server(artifacts_dir: Path, tracking_uri: str) -> Callable[[],
                "--log-level", "error", "--lifespan", "on"]  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "prefect-run-server.log", "ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent)  # fmt: skip
     server = Server("prefect", process, f"http://{HOST}:{port}/api/health", f"http://{HOST}:{port}")
     os.environ["PREFECT_API_URL"] = f"{server.ui_url}/api"
     atexit.register(stop_servers, [server], 5)  # registered before Prefect's: runs after them
@@ -132,6 +133,15 @@ def start_run_api_server(artifacts_dir: Path, tracking_uri: str) -> Callable[[],
             os.environ.pop("PREFECT_API_URL")  # Prefect starts its own temporary server instead
 
     return wait
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the run's process dies, even by
+    SIGKILL, when no exit handler can stop it (Linux; elsewhere the exit handler alone)."""
+    import ctypes
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def serve(artifacts_dir: Path, prefect_port: int, mlflow_port: int) -> int:

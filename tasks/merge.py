@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftd.config import MergeSettings
@@ -137,14 +141,21 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     pending = dict(pairs)
     weight_map: dict[str, str] = {}
     total_bytes = 0
+    scratch = Scratch()  # one read buffer and one update buffer, reused for every tensor
 
     def merged(name: str, weight):
         pair = pending.pop(_match(name, pending), None) if pending else None
         if pair is not None:
-            weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out)
+            weight = _apply(weight, pair, module_scale(config, pair.module, pair.A.shape[0]), fan_in_fan_out, scratch)
         if out_dtype is not None and weight.is_floating_point():
             weight = weight.to(out_dtype)
         return weight
+
+    def produce(reader: SafetensorsReader, name: str):
+        """An untouched tensor whose dtype stays is copied file to file by the kernel."""
+        if (not pending or _match(name, pending) is None) and (out_dtype is None or not reader.is_float(name)):
+            return reader.span(name)
+        return merged(name, reader.read(name, scratch))
 
     for shard in shards:
         out_name = shard.with_suffix(".safetensors").name.replace("pytorch_model", "model")
@@ -152,7 +163,7 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
             with SafetensorsReader(shard) as reader:
                 specs = [(n, _out_dtype(d, out_dtype), shape) for n, d, shape in reader.specs()]
                 meta = {"format": "pt", **reader.metadata}
-                total_bytes += write_safetensors(out / out_name, specs, lambda n, r=reader: merged(n, r.read(n)), meta)
+                total_bytes += write_safetensors(out / out_name, specs, lambda n, r=reader: produce(r, n), meta)
         else:  # a legacy pickle shard is loaded whole (safely); it is written out tensor by tensor
             tensors = torch.load(shard, map_location="cpu", weights_only=True)
             specs = [(n, _out_dtype(dtype_names()[t.dtype], out_dtype), list(t.shape)) for n, t in tensors.items()]
@@ -175,6 +186,41 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, out / name)
     return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
+
+
+class Scratch:
+    """Buffers that grow to the largest tensor and are then reused: fresh multi-megabyte buffers
+    per tensor cost a page fault per 4 KiB every time (most of the merge's time before). Reads
+    alternate between two buffers, so one tensor can be read and merged while the previous one
+    is still being written (`write_safetensors` waits for a write before the next-but-one read)."""
+
+    def __init__(self):
+        self.read_buffers = [bytearray(), bytearray()]
+        self.turn = 0
+        self.update = None
+
+    def bytes(self, n: int) -> memoryview:
+        self.turn ^= 1
+        if len(self.read_buffers[self.turn]) < n:
+            self.read_buffers[self.turn] = bytearray(n)
+        return memoryview(self.read_buffers[self.turn])[:n]
+
+    def floats(self, shape: tuple[int, int]):
+        import torch
+
+        n = shape[0] * shape[1]
+        if self.update is None or self.update.numel() < n:
+            self.update = torch.empty(n, dtype=torch.float32)
+        return self.update[:n].view(shape)
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Bytes of a source file to copy unchanged into the output."""
+
+    file: object
+    offset: int
+    nbytes: int
 
 
 @functools.cache
@@ -219,12 +265,20 @@ class SafetensorsReader:
         entries = sorted(self.header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         return [(name, e["dtype"], e["shape"]) for name, e in entries]
 
-    def read(self, name: str):
+    def span(self, name: str) -> FileSpan:
+        start, end = self.header[name]["data_offsets"]
+        return FileSpan(self.file, self.data_start + start, end - start)
+
+    def is_float(self, name: str) -> bool:
+        return self.header[name]["dtype"] in {"F32", "F16", "BF16", "F64"}
+
+    def read(self, name: str, scratch: Scratch | None = None):
+        """The tensor, in `scratch`'s reused buffer when given (valid until the next read)."""
         import torch
 
         entry = self.header[name]
         start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
+        buffer = scratch.bytes(end - start) if scratch is not None else bytearray(end - start)
         self.file.seek(self.data_start + start)
         if self.file.readinto(buffer) != len(buffer):
             raise FtdError(f"{self.file.name}: truncated: {name} is cut short")
@@ -253,18 +307,62 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int]]], produ
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+    # One writer thread: tensor i is written while tensor i+1 is read and merged (file I/O and
+    # torch release the GIL). Writes stay in file order; at most one is in flight.
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="ftd-merge-write") as writer:
+        with suppress(OSError, AttributeError):  # reserve the blocks at once: faster writes where supported
+            os.posix_fallocate(f.fileno(), 0, 8 + len(encoded) + offset)
+        _write_all(f, struct.pack("<Q", len(encoded)))
+        _write_all(f, encoded)
+        in_flight = None
         for name, dtype, shape in specs:
-            tensor = produce(name).contiguous()
-            if names[tensor.dtype] != dtype or list(tensor.shape) != list(shape):
-                raise FtdError(
-                    f"{path.name}: {name} came out {tensor.dtype} {list(tensor.shape)}, expected {dtype} {shape}"
-                )
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
-            del tensor
+            item = produce(name)
+            if isinstance(item, FileSpan):
+                if item.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                    raise FtdError(f"{path.name}: {name}: source holds {item.nbytes} bytes, expected a different size")
+                job = (_copy_span, item, f)
+            else:
+                tensor = item.contiguous()
+                if names[tensor.dtype] != dtype or list(tensor.shape) != list(shape):
+                    raise FtdError(
+                        f"{path.name}: {name} came out {tensor.dtype} {list(tensor.shape)}, expected {dtype} {shape}"
+                    )
+                job = (_write_all, f, tensor.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+                del tensor, item
+            if in_flight is not None:
+                in_flight.result()  # the previous write is done: its buffer may be read into again
+            in_flight = writer.submit(*job)
+            del job
+        if in_flight is not None:
+            in_flight.result()
     return offset
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view) :]
+
+
+def _copy_span(span: FileSpan, out) -> None:
+    """Copy inside the kernel (copy_file_range; a reflink on filesystems that share extents),
+    falling back to reads and writes through a small buffer."""
+    remaining, offset = span.nbytes, span.offset
+    try:
+        while remaining:
+            copied = os.copy_file_range(span.file.fileno(), out.fileno(), remaining, offset)
+            if copied == 0:
+                raise FtdError(f"{span.file.name}: truncated while copying")
+            remaining -= copied
+            offset += copied
+    except (OSError, AttributeError):  # not supported here: copy what is left by hand
+        while remaining:  # pread: the merge reads the same file meanwhile
+            chunk = os.pread(span.file.fileno(), min(remaining, 16 << 20), offset)
+            if not chunk:
+                raise FtdError(f"{span.file.name}: truncated while copying") from None
+            _write_all(out, chunk)
+            remaining -= len(chunk)
+            offset += len(chunk)
 
 
 def weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -305,14 +403,15 @@ def _match(weight_name: str, pending: dict[str, LoraPair]) -> str | None:
     return None
 
 
-def _apply(weight, pair: LoraPair, scale: float, fan_in_fan_out: bool):
+def _apply(weight, pair: LoraPair, scale: float, fan_in_fan_out: bool, scratch: Scratch | None = None):
     import torch
 
     A, B = pair.A.to(torch.float32), pair.B.to(torch.float32)
-    delta = B @ A
+    shape = (B.shape[0], A.shape[1])
+    delta = torch.mm(B, A, out=scratch.floats(shape)) if scratch is not None else B @ A
     if fan_in_fan_out:
         delta = delta.T
-    delta = delta * scale
+    delta.mul_(scale)  # peft: (B @ A) * scale, the same two roundings
     expected = tuple(weight.shape)
     if tuple(delta.shape) != expected:
         raise FtdError(
@@ -324,4 +423,6 @@ def _apply(weight, pair: LoraPair, scale: float, fan_in_fan_out: bool):
     # usually has an fp32 adapter (peft's autocast_adapter_dtype), so the delta must not be rounded first.
     if pair.B.dtype in (torch.float16, torch.bfloat16):
         delta = delta.to(pair.B.dtype)
+    if weight.dtype == delta.dtype and scratch is not None:
+        return weight.add_(delta)  # the weight lives in the read buffer: no new allocation
     return (weight + delta).to(weight.dtype)

@@ -70,6 +70,9 @@ def test_cold_run_trains_builds_and_passes_the_gate(shared):
     assert run.data.metrics["numbers.eval_accuracy_after"] >= 0.9
     history = _client(artifacts).get_metric_history(run.info.run_id, "numbers.train_loss")
     assert len(history) >= 10 and history[-1].value < history[0].value
+    assert [a.path for a in _client(artifacts).list_artifacts(run.info.run_id, "plots")] == [
+        "plots/numbers.train_loss.png"
+    ]
     shared["first"] = summary
 
 
@@ -81,6 +84,18 @@ def test_unchanged_rerun_is_all_cache_hits_and_registers_nothing_new(shared):
     assert len(_versions(shared["artifacts"], "tiny-llama-adapter")) == 1
     assert len(_versions(shared["artifacts"], "tiny-llama-onnx-fp32")) == 1
     assert "Cached" in result.stdout + result.stderr  # Prefect itself reports the cache hits
+    # The stores were migrated by the first run, so this one started its own API server during
+    # pre-flight; the flow run must still land in the same Prefect database.
+    artifacts = shared["artifacts"]
+    assert (artifacts / "logs" / "prefect-run-server.log").is_file()
+    import sqlite3
+
+    with sqlite3.connect(artifacts / "prefect" / "prefect.db") as db:
+        rows = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (result.summary["prefect_flow_run_id"],))
+        assert rows.fetchall() == [("COMPLETED",)]
+    # The loss curve comes from the cached adapter: no retraining, no matplotlib, still logged.
+    plots = _client(artifacts).list_artifacts(result.summary["mlflow_run_id"], "plots")
+    assert [a.path for a in plots] == ["plots/numbers.train_loss.png"]
 
 
 def test_changing_smoke_settings_reruns_only_the_smoke_test(shared):

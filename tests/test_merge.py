@@ -296,3 +296,21 @@ def test_malicious_pickle_adapter_is_refused_without_running_code(llama_base, tm
     with pytest.raises(FtdError, match="adapter_model.bin: refused: not a plain tensor file"):
         merge(llama_base, tmp_path / "adapter", tmp_path / "merged")
     assert not marker.exists()
+
+
+def test_without_kernel_copies_the_merge_is_the_same(llama_base, tmp_path, monkeypatch):
+    """Untouched tensors are copied file to file by the kernel; where copy_file_range is missing
+    (another OS, some filesystem pairs) the by-hand fallback writes the same bytes."""
+    import os
+
+    reference = make_adapter(llama_base, tmp_path / "adapter")
+    merge(llama_base, tmp_path / "adapter", tmp_path / "kernel")
+
+    def unsupported(*_args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    merge(llama_base, tmp_path / "adapter", tmp_path / "by-hand")
+    for shard in sorted((tmp_path / "kernel").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "by-hand" / shard.name).read_bytes()
+    assert_bitwise_equal(tmp_path / "by-hand", reference)

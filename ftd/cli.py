@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
+import importlib
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ftd.errors import ConfigError, FtdError
+
+# What SFT, merging and the smoke test import, cheapest and most needed first.
+TRAINING_MODULES = ("torch", "transformers", "transformers.models.auto.modeling_auto", "peft", "datasets", "trl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts-dir", default="artifacts", help="the stores to serve (default: artifacts)")
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
+    p = sub.add_parser("verify", help="rehash every stored artifact against its manifest (finds silent corruption)")
+    p.add_argument("--artifacts-dir", default="artifacts", help="the artifacts folder (default: artifacts)")
+    p.add_argument("--repair", action="store_true", help="delete damaged artifacts so the next run rebuilds them")
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -51,7 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _verify(args) -> int:
+    from ftd.store import verify_store
+
+    rows = verify_store(Path(args.artifacts_dir), repair=args.repair)
+    damaged = [r for r in rows if r["damaged"]]
+    for r in damaged:
+        action = "removed; the next run rebuilds it" if r["removed"] else "run `ftd verify --repair` to remove it"
+        print(f"ftd: damaged {r['stage']}/{r['key']}: {'; '.join(r['damaged'])} ({action})")
+    print(f"ftd: verified {len(rows)} artifact(s) in {args.artifacts_dir}: {len(damaged)} damaged")
+    return 1 if damaged and not args.repair else 0
+
+
 def _dispatch(args) -> int:
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "server":
         from ftd.servers import serve
 
@@ -85,7 +108,9 @@ def _dispatch(args) -> int:
 
     preload(tracking_uri(cfg))
     if server_started:
-        server_started()
+        # Rather than sleep until the API answers, import what training will need, one module at
+        # a time: a cold run gains those seconds, a fully cached run loses at most one import.
+        server_started(idle_work=[functools.partial(importlib.import_module, m) for m in TRAINING_MODULES])
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
     _print_summary(summary)

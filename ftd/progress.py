@@ -13,8 +13,9 @@ log = logging.getLogger("ftd.progress")
 
 
 class Progress:
-    def __init__(self, what: str, total: int, every: float = 0.05):
-        self.what, self.total, self.every = what, max(total, 1), every
+    def __init__(self, what: str, total: int, every: float = 0.05, counted: bool = True):
+        """`counted`: show "done/total" (steps); otherwise only the detail and the percentage."""
+        self.what, self.total, self.every, self.counted = what, max(total, 1), every, counted
         self.artifact_id = None
         self.last = -1.0
         self.enabled = _in_task_run()
@@ -24,7 +25,8 @@ class Progress:
         if fraction < 1.0 and fraction - self.last < self.every:
             return
         self.last = fraction
-        text = f"{self.what}: {done}/{self.total}{' ' + detail if detail else ''}"
+        count = f"{done}/{self.total}" if self.counted else ""
+        text = f"{self.what}: {' '.join(part for part in (count, detail) if part)}"
         if not self.enabled:
             log.info("%s (%.0f%%)", text, 100 * fraction)
             return

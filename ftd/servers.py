@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +56,12 @@ def start_servers(artifacts_dir: Path, prefect_port: int, mlflow_port: int, log_
     return servers
 
 
-def wait_healthy(servers: list[Server], timeout: float = 180.0, interval: float = 0.5) -> None:
+def wait_healthy(
+    servers: list[Server], timeout: float = 180.0, interval: float = 0.5, idle_work: Iterable[Callable] = ()
+) -> None:
+    """Poll until every server answers; between polls run `idle_work` items instead of sleeping."""
     deadline = time.monotonic() + timeout
+    idle_work = list(idle_work)
     pending = list(servers)
     while pending:
         for server in list(pending):
@@ -71,7 +75,10 @@ def wait_healthy(servers: list[Server], timeout: float = 180.0, interval: float 
                 pass
         if pending and time.monotonic() > deadline:
             raise FtdError(f"{', '.join(s.name for s in pending)} not healthy after {timeout:.0f} s")
-        time.sleep(interval)
+        if pending and idle_work:
+            idle_work.pop(0)()
+        elif pending:
+            time.sleep(interval)
 
 
 def stop_servers(servers: list[Server], grace: float = 15) -> None:
@@ -125,9 +132,9 @@ def start_run_api_server(artifacts_dir: Path, tracking_uri: str) -> Callable[[],
     os.environ["PREFECT_API_URL"] = f"{server.ui_url}/api"
     atexit.register(stop_servers, [server], 5)  # registered before Prefect's: runs after them
 
-    def wait() -> None:
+    def wait(idle_work: Iterable[Callable] = ()) -> None:
         try:
-            wait_healthy([server], timeout=180.0, interval=0.05)
+            wait_healthy([server], timeout=180.0, interval=0.05, idle_work=idle_work)
         except FtdError:
             stop_servers([server], 5)
             os.environ.pop("PREFECT_API_URL")  # Prefect starts its own temporary server instead

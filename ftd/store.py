@@ -9,6 +9,10 @@ An artifact is built in a temporary directory beside the store and renamed into 
 complete (rename is atomic on one filesystem), so a crash never leaves a directory that a later
 run would take for a finished artifact. A per-key file lock makes concurrent runs of the same
 step wait for one another instead of building twice.
+
+The manifest lists every file with its size and sha256. A cache hit checks the sizes (cheap: a
+truncated or deleted file makes the artifact count as absent, so it is rebuilt); `verify_store`
+(`ftd verify`) rehashes everything and finds a flipped bit inside a file of the right size.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel
 
 MANIFEST = "ftd-manifest.json"
+log = logging.getLogger("ftd.store")
 
 
 class Artifact(BaseModel):
@@ -100,6 +106,46 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `root` (the manifest aside): size and sha256, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def damaged_files(root: Path, manifest: dict, full: bool) -> list[str]:
+    """Files missing, of another size, or (with `full`) with other content than the manifest says.
+    Manifests written before files were recorded list none: nothing to check."""
+    damaged = []
+    for name, record in (manifest.get("files") or {}).items():
+        path = root / name
+        if not path.is_file():
+            damaged.append(f"{name}: missing")
+        elif path.stat().st_size != record["bytes"]:
+            damaged.append(f"{name}: {path.stat().st_size} bytes, recorded {record['bytes']}")
+        elif full and file_digest(path) != record["sha256"]:
+            damaged.append(f"{name}: content differs from its recorded sha256")
+    return damaged
+
+
+def verify_store(root: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rehash every stored artifact; with `repair`, delete the damaged ones so the next run
+    rebuilds them. Returns one row per artifact: stage, key, damaged files."""
+    rows = []
+    store = Store(root)
+    for manifest_file in sorted((store.root / "store").glob("*/*/" + MANIFEST)):
+        directory = manifest_file.parent
+        stage, key = directory.parent.name, directory.name
+        with store._lock(stage, key):
+            damaged = damaged_files(directory, json.loads(manifest_file.read_text()), full=True)
+            if damaged and repair:
+                shutil.rmtree(directory)
+        rows.append({"stage": stage, "key": key, "damaged": damaged, "removed": bool(damaged and repair)})
+    return rows
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Place a stored file in another artifact: a hard link (no bytes copied), or a copy across devices."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +167,14 @@ class Store:
         return self.root / "store" / stage / key
 
     def has(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / MANIFEST).is_file()
+        """A complete artifact: its manifest, and every file it lists at the recorded size."""
+        manifest_file = self.path(stage, key) / MANIFEST
+        if not manifest_file.is_file():
+            return False
+        damaged = damaged_files(self.path(stage, key), json.loads(manifest_file.read_text()), full=False)
+        if damaged:
+            log.warning("artifact %s/%s is damaged (%s); it will be rebuilt", stage, key, "; ".join(damaged[:3]))
+        return not damaged
 
     def load(self, stage: str, key: str) -> Artifact:
         manifest = json.loads((self.path(stage, key) / MANIFEST).read_text())
@@ -155,7 +208,8 @@ class Store:
                 started = time.perf_counter()
                 meta = build(tmp) or {}
                 meta.setdefault("seconds", round(time.perf_counter() - started, 3))
-                manifest = {"stage": stage, "key": key, "lineage": lineage or {}, "meta": meta}
+                manifest = {"stage": stage, "key": key, "lineage": lineage or {}, "meta": meta,
+                            "files": file_records(tmp)}  # fmt: skip
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
                 final = self.path(stage, key)
                 final.parent.mkdir(parents=True, exist_ok=True)

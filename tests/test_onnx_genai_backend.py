@@ -152,3 +152,34 @@ def test_optimum_engine_matches_pytorch(tmp_path: Path) -> None:
         diff = max(float(np.abs(a - b).max()) for a, b in zip(ref.logits, got.logits))
         assert diff < 1e-3, (text, diff)
     assert re.search(r"optimum\.exporters\.onnx", (engine_dir / "build.log").read_text())
+
+
+BUILDER_OUTPUT = """GroupQueryAttention (GQA) is used in this model.
+Reading embedding layer
+Reading layer 0
+Reading layer 1
+Reading final norm
+Reading LM head
+Saving ONNX model in /tmp/x
+0it [00:00, ?it/s]
+Saving model.embed_tokens.weight (f32, [396,64]):   5%|▌         | 1/19 [00:00<00:00, 1256.91it/s]
+Saving model.layers.1.mlp.up_proj.MatMul.weight (f32, [64,176]):  84%|████████▍ | 16/19 [00:00<00:00, 4667.79it/s]
+Saving lm_head.MatMul.weight (f32, [64,396]): 100%|██████████| 19/19 [00:00<00:00, 4800.00it/s]"""
+
+
+def test_builder_output_becomes_progress(caplog) -> None:
+    """The builder's own lines (layers read, tensors saved) drive the build's progress."""
+    import logging
+
+    from tasks.backends.onnx_genai import BuilderProgress
+
+    progress = BuilderProgress("build onnx-fp32", layers=2)
+    progress.progress.every = 0.0  # report every line
+    with caplog.at_level(logging.INFO, logger="ftd.progress"):
+        for line in BUILDER_OUTPUT.splitlines():
+            progress(line)
+    shown = [r.getMessage() for r in caplog.records]
+    percents = [int(re.search(r"\((\d+)%\)$", m)[1]) for m in shown]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert shown[1] == "build onnx-fp32: layer 0 (24%)"
+    assert shown[-1] == "build onnx-fp32: saving tensor 19/19 (100%)"

@@ -98,3 +98,60 @@ def test_concurrent_runs_of_one_step_build_it_once(tmp_path: Path) -> None:
     assert all(p.exitcode == 0 for p in procs)
     assert counter.read_text().count("built") == 1
     assert Store(tmp_path).has("data", "same")
+
+
+def _build_weights(tmp: Path) -> dict:
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp / "config.json").write_text("{}")
+    return {"built": True}
+
+
+def test_manifest_records_every_file_with_size_and_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    store = Store(tmp_path)
+    artifact = store.materialize("engine", "k1", _build_weights)
+    files = json.loads((artifact.path(store) / "ftd-manifest.json").read_text())["files"]
+    weights = artifact.path(store) / "sub" / "weights.bin"
+    assert set(files) == {"sub/weights.bin", "config.json"}
+    assert files["sub/weights.bin"] == {"bytes": 16384, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
+def test_truncated_file_makes_the_artifact_absent_and_it_is_rebuilt(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    artifact = store.materialize("engine", "k1", _build_weights)
+    weights = artifact.path(store) / "sub" / "weights.bin"
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    assert not store.has("engine", "k1")
+    rebuilt = store.materialize("engine", "k1", _build_weights)
+    assert not rebuilt.cached and weights.stat().st_size == 16384
+
+
+def test_verify_finds_a_flipped_bit_and_repair_removes_the_artifact(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    artifact = store.materialize("engine", "k1", _build_weights)
+    store.materialize("merged", "k2", _build_weights)
+    weights = artifact.path(store) / "sub" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[1000] ^= 0x01  # same size: the cheap check on a cache hit cannot see it
+    weights.write_bytes(bytes(data))
+    assert store.has("engine", "k1")
+
+    def verify(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftd.cli", "verify", "--artifacts-dir", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    found = verify()
+    assert found.returncode == 1
+    assert "damaged engine/k1: sub/weights.bin: content differs from its recorded sha256" in found.stdout
+    assert "verified 2 artifact(s)" in found.stdout and "1 damaged" in found.stdout
+    repaired = verify("--repair")
+    assert repaired.returncode == 0 and "removed; the next run rebuilds it" in repaired.stdout
+    assert not store.has("engine", "k1") and store.has("merged", "k2")
+    assert verify().returncode == 0

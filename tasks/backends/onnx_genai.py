@@ -118,7 +118,9 @@ class OnnxGenAI:
             return self._build_optimum(merged_dir, target, out)
         log = _Log(out / "build.log")
         command = _builder_command(merged_dir, out, target, _extra_options(target))
-        seconds = log.run(command, f"onnx_genai build of target {target.name}")
+        layers = json.loads((merged_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        progress = BuilderProgress(f"build {target.name}", layers)
+        seconds = log.run(command, f"onnx_genai build of target {target.name}", on_line=progress)
         _remove_tree(out / ".builder-cache")
         shown = _shown(command, merged_dir, out)
         return {"exporter": "builder", "build_seconds": round(seconds, 3), "engine_bytes": _size(out),
@@ -279,22 +281,51 @@ def _shown(command: list[str], merged_dir: Path, out: Path) -> str:
 
 
 class _Log:
-    """Runs the build's subprocesses offline (local paths only), appending their output to build.log."""
+    """Runs the build's subprocesses offline (local paths only), appending their output to build.log
+    and handing each output line to `on_line` (progress) as it comes."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def run(self, command: list[str], what: str) -> float:
+    def run(self, command: list[str], what: str, on_line=None) -> float:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines: list[str] = []
+        # Universal newlines: tqdm's carriage-return updates arrive as lines too.
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            for line in proc.stdout:
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
         seconds = time.perf_counter() - started
         with self.path.open("a") as log:
-            log.write(f"$ {' '.join(command)}\n{proc.stdout}{proc.stderr}\n")
+            log.write(f"$ {' '.join(command)}\n{''.join(lines)}\n")
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            tail = "".join(lines).strip().splitlines()[-5:]
             raise FtdError(f"{what} failed: " + " | ".join(tail))
         return seconds
+
+
+class BuilderProgress:
+    """Progress of the og model builder, read from its output: it reads the embedding, each layer,
+    the final norm and the LM head (the first 60% here), then saves the tensors under a tqdm
+    counter (the rest)."""
+
+    SAVED = re.compile(r"\|\s*(\d+)/(\d+) \[")
+
+    def __init__(self, what: str, layers: int):
+        from ftd.progress import Progress
+
+        self.progress = Progress(what, 100, counted=False)
+        self.reads, self.read = layers + 3, 0
+
+    def __call__(self, line: str) -> None:
+        if line.startswith("Reading "):
+            self.read += 1
+            self.progress.update(int(60 * min(self.read / self.reads, 1.0)), line[len("Reading ") :])
+        elif (saved := self.SAVED.search(line)) and int(saved[2]):
+            done, total = int(saved[1]), int(saved[2])
+            self.progress.update(60 + int(40 * done / total), f"saving tensor {done}/{total}")
 
 
 def _single_onnx(directory: Path, target: TargetConfig) -> Path:

@@ -7,6 +7,7 @@ model, data preparation, often SFT itself) is built once and is a cache hit for 
 
 from __future__ import annotations
 
+import contextvars
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,8 +44,11 @@ def sweep(sweep_path: str) -> dict:
             summary = {"mlflow_run_id": child.info.run_id, "metrics": child.data.metrics} if child else None
             return {"point": index, "overrides": own, "passed": False, "error": state.message, "summary": summary}
 
+        # Each point runs in a copy of this flow's context, so Prefect records it as a subflow of
+        # the sweep (a bare worker thread would start unrelated top-level flow runs).
         with ThreadPoolExecutor(max_workers=spec.concurrency) as pool:
-            results = list(pool.map(run_point, range(len(runs))))
+            futures = [pool.submit(contextvars.copy_context().run, run_point, i) for i in range(len(runs))]
+            results = [f.result() for f in futures]
         for r in results:
             summary = r["summary"] or {}
             r["objective"] = (summary.get("metrics") or {}).get(spec.objective.metric)

@@ -82,6 +82,12 @@ class SftSettings(Section):
     save_steps: int = Field(
         100, ge=0, description="Checkpoint every N steps; a killed run resumes from the last one (0: never)."
     )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel training processes (torchrun: one per GPU, or gloo on CPU). Each "
+        "takes `batch_size` rows per step, so the effective batch grows with it.",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass to save memory. Default: on for GPU "

@@ -47,7 +47,7 @@ class SweepConfig(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     objective: Objective
     promote: Promotion | None = Promotion()
-    concurrency: int = Field(1, ge=1, description="Points run at once (each trains on all cores: keep 1 on CPU).")
+    concurrency: int = Field(1, ge=1, description="Points run at once, in threads (their SFT steps take turns).")
 
     @model_validator(mode="after")
     def _one_way(self) -> SweepConfig:

@@ -176,26 +176,43 @@ class Tracker:
     # ------------------------------------------------------------ registry
 
     def register(self, model_name: str, directory: Path, artifact_path: str, key: str, tags: dict[str, Any]) -> dict:
-        """Log `directory` under the run and register it, unless a version with this key exists."""
-        existing = self.find_version(model_name, key)
-        if existing is not None:
-            return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
-        with_retries(
-            lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
-        )
-        try:
-            self.client.get_registered_model(model_name)
-        except Exception:
-            with_retries(lambda: self.client.create_registered_model(model_name), f"create model {model_name}")
-        all_tags = {KEY_TAG: key, **{k: str(v) for k, v in tags.items()}}
-        version = with_retries(
-            lambda: self.client.create_model_version(
-                model_name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=all_tags
-            ),
-            f"register {model_name}",
-        )
+        """Log `directory` under the run and register it, unless a version with this key exists.
+
+        Look-up and creation happen under a file lock per model name in the artifacts folder: two
+        runs finishing together would otherwise both find no version and both register one (or
+        both try to create the registered model, and one fails)."""
+        with self._registry_lock(model_name):
+            existing = self.find_version(model_name, key)
+            if existing is not None:
+                return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
+            with_retries(
+                lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
+            )
+            try:
+                self.client.get_registered_model(model_name)
+            except Exception:
+                with_retries(lambda: self.client.create_registered_model(model_name), f"create model {model_name}")
+            all_tags = {KEY_TAG: key, **{k: str(v) for k, v in tags.items()}}
+            version = with_retries(
+                lambda: self.client.create_model_version(
+                    model_name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=all_tags
+                ),
+                f"register {model_name}",
+            )
         self.created_versions.append((model_name, version.version))
         return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
+
+    @contextmanager
+    def _registry_lock(self, model_name: str):
+        import fcntl
+        import hashlib
+
+        locks = Path(self.cfg.artifacts_dir).resolve() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(f"{self.uri}|{model_name}".encode()).hexdigest()[:16]
+        with open(locks / f"registry-{name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     @contextmanager
     def registration(self):

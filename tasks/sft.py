@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
 from ftd.config import AdapterConfig
+from ftd.errors import FtdError
 from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
 from tasks.base_model import model_dir
@@ -25,6 +27,10 @@ BASE_RECORD = "ftd-base.json"
 LOSS_CURVE = "loss_curve.png"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 log = logging.getLogger("ftd.sft")
+# transformers' Trainer and accelerate keep process-global state (AcceleratorState): two trainers
+# built at once in one process (a sweep with `concurrency: 2`) break each other. Points of a sweep
+# still overlap everything else; their SFT steps take turns.
+ONE_TRAINER_PER_PROCESS = threading.Lock()
 
 
 def sft_key(base: Artifact, data: Artifact, adapter: AdapterConfig, trust_remote_code: bool) -> str:
@@ -46,7 +52,11 @@ def train_adapter(
 
     def build(tmp: Path) -> dict:
         checkpoints = checkpoint_dir(store, key)
-        meta = _train(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
+        if adapter.sft.num_processes > 1:
+            meta = _train_distributed(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
+        else:
+            with ONE_TRAINER_PER_PROCESS:
+                meta = _train(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
         (tmp / "adapter" / BASE_RECORD).write_text(json.dumps(base_record(base), indent=2))
         if meta["loss_curve"]:
             from ftd.tracking import render_loss_curve
@@ -97,7 +107,7 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
 def _train(
     base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path,
     checkpoints: Path,
-) -> dict:  # fmt: skip
+) -> dict | None:  # fmt: skip
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -184,6 +194,8 @@ def _train(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None  # data-parallel training: rank 0 writes the adapter
     trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
     tokenizer.save_pretrained(out / "adapter")
     history = trainer.state.log_history
@@ -194,6 +206,7 @@ def _train(
         "resumed_from_step": int(resume.name.rsplit("-", 1)[1]) if resume else None,
         "train_seconds": round(seconds, 3),
         "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
         "train_loss": result.training_loss,
         "loss_curve": losses,
         "tokens_seen": tokens,
@@ -204,5 +217,53 @@ def _train(
     }
 
 
+TRAIN_META = "train-meta.json"
+
+
+def _train_distributed(
+    base: Artifact, data: Artifact, adapter: AdapterConfig, store: Store, trust_remote_code: bool, out: Path,
+    checkpoints: Path,
+) -> dict:  # fmt: skip
+    """`sft.num_processes` > 1: the same `_train` in N data-parallel processes under torchrun
+    (`python -m torch.distributed.run --standalone`); the Trainer sets up DDP from torchrun's
+    environment (NCCL on GPUs, gloo on CPU). Rank 0 writes the adapter and the metadata."""
+    import subprocess
+    import sys
+
+    job = out / "distributed-job.json"
+    job.write_text(json.dumps({
+        "base": base.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+        "adapter": adapter.model_dump(mode="json"), "store": str(store.root), "out": str(out),
+        "checkpoints": str(checkpoints), "trust_remote_code": trust_remote_code,
+    }))  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={adapter.sft.num_processes}", "-m", "tasks.sft", str(job)]  # fmt: skip
+    log.info("sft %s: %d processes: %s", adapter.name, adapter.sft.num_processes, " ".join(command[1:]))
+    proc = subprocess.run(command, capture_output=True, text=True)
+    job.unlink()
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        raise FtdError(f"sft {adapter.name}: distributed training failed (exit {proc.returncode}): {tail}")
+    return json.loads((out / TRAIN_META).read_text()) | {"num_processes": adapter.sft.num_processes}
+
+
+def _distributed_worker(job_file: str) -> None:
+    """One torchrun process: rebuild the inputs from the job file and train."""
+    job = json.loads(Path(job_file).read_text())
+    meta = _train(
+        Artifact(**job["base"]), Artifact(**job["data"]), AdapterConfig(**job["adapter"]), Store(job["store"]),
+        job["trust_remote_code"], Path(job["out"]), Path(job["checkpoints"]),
+    )  # fmt: skip
+    if meta is not None:  # rank 0
+        (Path(job["out"]) / TRAIN_META).write_text(json.dumps(meta))
+
+
 def adapter_dir(adapter: Artifact, store: Store) -> Path:
     return adapter.path(store) / "adapter"
+
+
+if __name__ == "__main__":  # a torchrun worker (see _train_distributed)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _distributed_worker(sys.argv[1])

@@ -131,3 +131,26 @@ def test_sft_does_not_depend_on_the_random_state_before_it(tmp_path: Path) -> No
         outputs.append(load_file(out / "adapter" / "adapter_model.safetensors"))
     assert outputs[0].keys() == outputs[1].keys()
     assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+
+
+def test_two_process_sft_trains_one_adapter(tmp_path: Path) -> None:
+    """`sft.num_processes: 2` runs SFT under torchrun (gloo on CPU): two data-parallel ranks, one
+    adapter written by rank 0, stored like any other."""
+    from safetensors.torch import load_file
+
+    from ftd.store import Store
+    from tasks.base_model import parse_base, resolve_base
+    from tasks.data import prepare_data
+    from tasks.sft import adapter_dir, train_adapter
+
+    cfg = load_config(DEFAULT_CONFIG, [f"artifacts_dir={tmp_path}", "adapters.0.sft.max_steps=4",
+                                       "adapters.0.sft.num_processes=2", "adapters.0.sft.logging_steps=1"])  # fmt: skip
+    store = Store(cfg.artifacts_dir)
+    base = resolve_base(parse_base(cfg.base_model), store)
+    data = prepare_data(cfg.adapters[0].data, store)
+    adapter = train_adapter(base, data, cfg.adapters[0], store)
+    assert adapter.meta["num_processes"] == 2 and adapter.meta["steps"] == 4
+    assert adapter.meta["world_size"] == 2  # one DDP group, not two independent runs
+    weights = load_file(adapter_dir(adapter, store) / "adapter_model.safetensors")
+    assert len(weights) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    assert not list((tmp_path / "store" / "adapter").glob("*/distributed-job.json"))

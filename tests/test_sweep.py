@@ -71,6 +71,36 @@ def test_sweep_compares_shares_and_promotes_only_a_passing_point(tmp_path: Path)
     assert all(v.run_id != failed_run.info.run_id for v in client.search_model_versions("name = 'tiny-llama-adapter'"))
     artifacts_logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.json"} <= artifacts_logged
+    assert _subflow_runs(artifacts) == 4  # every point is a subflow of the sweep's flow run
+
+
+def _subflow_runs(artifacts: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(artifacts / "prefect" / "prefect.db") as db:
+        return db.execute("SELECT count(*) FROM flow_run WHERE parent_task_run_id IS NOT NULL").fetchone()[0]
+
+
+def test_concurrent_points_share_steps_without_building_twice(tmp_path: Path) -> None:
+    """`concurrency: 2`: both points run at once in one process; the shared base model and data are
+    built once (the store's per-key lock), each point trains its own adapter, both are subflows."""
+    artifacts = tmp_path / "artifacts"
+    sweep = write_sweep(
+        tmp_path, artifacts, concurrency=2, points=[{}, {"adapters.0.lora.r": 4}],
+        overrides=[f"artifacts_dir={artifacts}", "smoke.max_prompts=16", "adapters.0.sft.max_steps=30",
+                   "smoke.thresholds.min_accuracy=0"],
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    summary_path = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "ftd.cli", "sweep", str(sweep), "--summary", str(summary_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(summary_path.read_text())
+    assert [p["gates"] for p in summary["points"]] == ["passed", "passed"]
+    store = artifacts / "store"
+    assert len(list((store / "base").iterdir())) == 1 and len(list((store / "data").iterdir())) == 1
+    assert len(list((store / "adapter").iterdir())) == 2
+    assert _subflow_runs(artifacts) == 2
 
 
 def test_points_are_validated_before_anything_runs(tmp_path: Path) -> None:

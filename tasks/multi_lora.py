@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from ftd.config import TargetConfig
 from ftd.errors import FtdError
+from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, link_or_copy, stage_key
 from tasks.backends import Generation
 from tasks.base_model import model_dir
@@ -69,6 +69,8 @@ def graph_key(base: Artifact, modules: list[str], target: TargetConfig) -> str:
 
 def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, store: Store) -> Artifact:
     def build(tmp: Path) -> dict:
+        from tasks.backends.onnx_genai import BuilderProgress, BuildLog
+
         zero = tmp / ".zero-adapter"
         _write_zero_adapter(model_dir(base), modules, zero)
         command = [
@@ -76,10 +78,9 @@ def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, s
             "-p", target.precision, "-e", target.device, "-c", str(tmp / ".builder-cache"),
             "--extra_options", f"adapter_path={zero}",
         ]  # fmt: skip
-        proc = subprocess.run(command, capture_output=True, text=True)
-        (tmp / "build.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise FtdError("multi-LoRA graph build failed: " + " | ".join(proc.stderr.strip().splitlines()[-5:]))
+        layers = json.loads((model_dir(base) / "config.json").read_text()).get("num_hidden_layers", 0)
+        progress = BuilderProgress(f"build multi-LoRA graph {target.name}", layers)
+        BuildLog(tmp / "build.log").run(command, "multi-LoRA graph build", on_line=progress)
         shutil.rmtree(zero)
         shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
         inputs = lora_initializers_to_inputs(tmp / "model.onnx")
@@ -173,7 +174,9 @@ def export_onnx_adapter(graph: Artifact, adapter: Artifact, store: Store) -> Art
             by_layer_module[(int(match[1]), match[2])] = pair
         specs = graph.meta["lora_inputs"]
         params, used = {}, set()
-        for input_name, spec in specs.items():
+        progress = Progress(f"export {name}.onnx_adapter", len(specs))
+        for done, (input_name, spec) in enumerate(specs.items(), 1):
+            progress.update(done, input_name)
             pair, rows = by_layer_module.get((spec["layer"], spec["module"])), None
             if pair is not None:
                 used.add((spec["layer"], spec["module"]))

@@ -116,7 +116,7 @@ class OnnxGenAI:
     def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
         if exporter_of(target) == "optimum":
             return self._build_optimum(merged_dir, target, out)
-        log = _Log(out / "build.log")
+        log = BuildLog(out / "build.log")
         command = _builder_command(merged_dir, out, target, _extra_options(target))
         layers = json.loads((merged_dir / "config.json").read_text()).get("num_hidden_layers", 0)
         progress = BuilderProgress(f"build {target.name}", layers)
@@ -128,17 +128,23 @@ class OnnxGenAI:
 
     def _build_optimum(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
         """optimum export → builder config_only → genai_config decoder I/O taken from the graph."""
-        log = _Log(out / "build.log")
+        log = BuildLog(out / "build.log")
         export_dir, config_dir = out / ".optimum-export", out / ".genai-config"
         export = [
             sys.executable, "-m", "optimum.exporters.onnx", "--model", str(merged_dir), "--task", OPTIMUM_TASK,
             "--library-name", "transformers", str(export_dir),
         ]  # fmt: skip
+        from ftd.progress import Progress
+
+        progress = Progress(f"build {target.name} (optimum)", 2)  # optimum prints nothing to count
+        progress.update(0, "exporting the graph")
         export_seconds = log.run(export, f"optimum export of target {target.name}")
+        progress.update(1, "graph exported; writing genai_config")
         graph = _single_onnx(export_dir, target)
         extra = ["config_only=true", *_extra_options(target)]
         config = _builder_command(merged_dir, config_dir, target, extra)
         config_seconds = log.run(config, f"genai_config (builder config_only) of target {target.name}")
+        progress.update(2, "done")
         # The engine directory: optimum's graph (+ its external data) and the builder's config and
         # tokenizer files, side by side, laid out like a builder engine.
         for name in [graph.name, *_external_data_files(graph)]:
@@ -280,7 +286,7 @@ def _shown(command: list[str], merged_dir: Path, out: Path) -> str:
     return " ".join(shown)
 
 
-class _Log:
+class BuildLog:
     """Runs the build's subprocesses offline (local paths only), appending their output to build.log
     and handing each output line to `on_line` (progress) as it comes."""
 

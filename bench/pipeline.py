@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from bench.stats import fmt, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "configs" / "tiny-llama.yaml"
@@ -47,10 +48,6 @@ FULL = {
 }
 QUICK = {"rounds": 1, "incremental_rounds": 1, "variant_rounds": 1, "variant_steps": 20, "scaling_repeats": 1,
          "data_sizes": [100, 200], "adapters": [1, 2], "sft_steps": 30}  # fmt: skip
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def _env() -> dict:
@@ -266,10 +263,6 @@ def bench_pipeline(work: Path, quick: bool, log) -> dict:
     return results
 
 
-def _fmt(s: dict, digits: int = 1) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
 def pipeline_targets(p: dict) -> list[dict]:
     s = p["summary"]
     return [
@@ -286,18 +279,18 @@ def pipeline_markdown(p: dict) -> list[str]:
     s, v, plan = p["summary"], p["sft_variants"], p["plan"]
     n = plan["rounds"]
     rows = [
-        ("full default flow, cold (s)", f"`ftd run` {_fmt(s['cold_s'])}", f"plain script {_fmt(s['plain_s'])}",
-         _fmt(s["overhead_ratio"], 2), "≤ 1.15"),
-        ("rerun, unchanged config (s)", f"warm {_fmt(s['warm_s'])}", f"cold {_fmt(s['cold_s'])}",
-         _fmt(s["warm_ratio"], 3), "≤ 0.05"),
-        ("second adapter added (s)", f"incremental {_fmt(s['incremental_s'])}",
-         f"cold, both adapters {_fmt(s['cold_two_s'])}", _fmt(s["incremental_ratio"], 2), "≤ 0.40"),
-        ("SFT tokens/s, identical settings", f"ftd {_fmt(s['ours_tokens_per_s'], 0)}",
-         f"plain TRL {_fmt(s['plain_tokens_per_s'], 0)}", _fmt(s["sft_ratio"], 3), "≥ 0.95"),
-        (f"SFT tokens/s, {v['steps']} steps, plain TRL", f"ftd's settings {_fmt(v['tokens_per_s']['identical'], 0)}",
-         f"TRL defaults {_fmt(v['tokens_per_s']['trl-defaults'], 0)}", _fmt(v["ftd_over_trl_defaults"], 2), "report"),
-        (f"SFT tokens/s, {v['steps']} steps, plain TRL", f"packing {_fmt(v['tokens_per_s']['packing'], 0)}",
-         f"ftd's settings {_fmt(v['tokens_per_s']['identical'], 0)}", _fmt(v["packing_over_ftd"], 2), "report"),
+        ("full default flow, cold (s)", f"`ftd run` {fmt(s['cold_s'])}", f"plain script {fmt(s['plain_s'])}",
+         fmt(s["overhead_ratio"], 2), "≤ 1.15"),
+        ("rerun, unchanged config (s)", f"warm {fmt(s['warm_s'])}", f"cold {fmt(s['cold_s'])}",
+         fmt(s["warm_ratio"], 3), "≤ 0.05"),
+        ("second adapter added (s)", f"incremental {fmt(s['incremental_s'])}",
+         f"cold, both adapters {fmt(s['cold_two_s'])}", fmt(s["incremental_ratio"], 2), "≤ 0.40"),
+        ("SFT tokens/s, identical settings", f"ftd {fmt(s['ours_tokens_per_s'], 0)}",
+         f"plain TRL {fmt(s['plain_tokens_per_s'], 0)}", fmt(s["sft_ratio"], 3), "≥ 0.95"),
+        (f"SFT tokens/s, {v['steps']} steps, plain TRL", f"ftd's settings {fmt(v['tokens_per_s']['identical'], 0)}",
+         f"TRL defaults {fmt(v['tokens_per_s']['trl-defaults'], 0)}", fmt(v["ftd_over_trl_defaults"], 2), "report"),
+        (f"SFT tokens/s, {v['steps']} steps, plain TRL", f"packing {fmt(v['tokens_per_s']['packing'], 0)}",
+         f"ftd's settings {fmt(v['tokens_per_s']['identical'], 0)}", fmt(v["packing_over_ftd"], 2), "report"),
     ]  # fmt: skip
     met = {r["name"]: r["met"] for r in pipeline_targets(p)}
     marks = list(met.values()) + [None, None]
@@ -322,8 +315,8 @@ def pipeline_markdown(p: dict) -> list[str]:
             f"rounds above):", "",
             "| adapters | " + " | ".join(str(k) for k in sc["adapters"]) + " |",
             "|---|" + "---|" * len(sc["adapters"]),
-            "| seconds | " + " | ".join(_fmt(x) for x in sc["adapters"].values()) + " |", "",
+            "| seconds | " + " | ".join(fmt(x) for x in sc["adapters"].values()) + " |", "",
             "| training rows (1 epoch) | " + " | ".join(str(k) for k in sc["train_rows"]) + " |",
             "|---|" + "---|" * len(sc["train_rows"]),
-            "| seconds | " + " | ".join(_fmt(x) for x in sc["train_rows"].values()) + " |", ""]  # fmt: skip
+            "| seconds | " + " | ".join(fmt(x) for x in sc["train_rows"].values()) + " |", ""]  # fmt: skip
     return out

@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from bench import synth
 from bench.pipeline import bench_pipeline, pipeline_markdown, pipeline_targets
+from bench.stats import fmt, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -65,14 +65,6 @@ MEDIUM_LAYERS = 3  # ~3.5 GB
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-def fmt(s: dict, digits: int = 1, unit: str = "") -> str:
-    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def machine() -> dict:

@@ -123,7 +123,6 @@ def _dispatch(args) -> int:
 def _serve(args) -> int:
     """A deployment of `finetune_to_deploy` with this config's parameters, served by this process
     (Prefect's `flow.serve`: no work pool needed; see prefect.yaml for the work-pool path)."""
-
     from ftd.config import load_config
     from ftd.environment import configure_environment
 

@@ -32,14 +32,12 @@ def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
     locking is enough for the runs' writes. A marker records the library versions that migrated
     them, so later runs skip the ~3 s of schema checks until Prefect or MLflow is upgraded."""
     import asyncio
-    import fcntl
+
+    from ftd.store import file_lock
 
     if stores_ready(artifacts_dir, tracking_uri):
         return
-    locks = Path(artifacts_dir).resolve() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / "databases.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(Path(artifacts_dir).resolve() / "locks" / "databases.lock"):
         if not os.environ.get("PREFECT_API_URL"):  # the temporary server will use PREFECT_HOME's database
             from prefect.server.database import provide_database_interface
 

@@ -106,6 +106,19 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path` (created with its folder) for the block: between processes, and
+    between threads of one process (each call opens its own file description)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def file_records(root: Path) -> dict[str, dict[str, Any]]:
     """Every file under `root` (the manifest aside): size and sha256, by relative path."""
     return {
@@ -180,16 +193,8 @@ class Store:
         manifest = json.loads((self.path(stage, key) / MANIFEST).read_text())
         return Artifact(stage=stage, key=key, meta=manifest.get("meta", {}), cached=True)
 
-    @contextmanager
     def _lock(self, stage: str, key: str):
-        lock_dir = self.root / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{stage}-{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.root / "locks" / f"{stage}-{key}.lock")
 
     def materialize(
         self, stage: str, key: str, build: Callable[[Path], dict[str, Any]], lineage: dict[str, Any] | None = None

@@ -202,17 +202,13 @@ class Tracker:
         self.created_versions.append((model_name, version.version))
         return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
 
-    @contextmanager
     def _registry_lock(self, model_name: str):
-        import fcntl
         import hashlib
 
-        locks = Path(self.cfg.artifacts_dir).resolve() / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
+        from ftd.store import file_lock
+
         name = hashlib.sha256(f"{self.uri}|{model_name}".encode()).hexdigest()[:16]
-        with open(locks / f"registry-{name}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+        return file_lock(Path(self.cfg.artifacts_dir).resolve() / "locks" / f"registry-{name}.lock")
 
     @contextmanager
     def registration(self):

@@ -69,7 +69,8 @@ def graph_key(base: Artifact, modules: list[str], target: TargetConfig) -> str:
 
 def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, store: Store) -> Artifact:
     def build(tmp: Path) -> dict:
-        from tasks.backends.onnx_genai import BuilderProgress, BuildLog
+        from tasks.backends.onnx_genai import BuilderProgress
+        from tasks.logged_command import BuildLog
 
         zero = tmp / ".zero-adapter"
         _write_zero_adapter(model_dir(base), modules, zero)
@@ -78,8 +79,7 @@ def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, s
             "-p", target.precision, "-e", target.device, "-c", str(tmp / ".builder-cache"),
             "--extra_options", f"adapter_path={zero}",
         ]  # fmt: skip
-        layers = json.loads((model_dir(base) / "config.json").read_text()).get("num_hidden_layers", 0)
-        progress = BuilderProgress(f"build multi-LoRA graph {target.name}", layers)
+        progress = BuilderProgress(f"build multi-LoRA graph {target.name}", model_dir(base))
         BuildLog(tmp / "build.log").run(command, "multi-LoRA graph build", on_line=progress)
         shutil.rmtree(zero)
         shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)

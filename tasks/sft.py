@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from ftd.config import AdapterConfig
-from ftd.errors import FtdError
 from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
 from tasks.base_model import model_dir
@@ -227,8 +226,9 @@ def _train_distributed(
     """`sft.num_processes` > 1: the same `_train` in N data-parallel processes under torchrun
     (`python -m torch.distributed.run --standalone`); the Trainer sets up DDP from torchrun's
     environment (NCCL on GPUs, gloo on CPU). Rank 0 writes the adapter and the metadata."""
-    import subprocess
     import sys
+
+    from tasks.logged_command import BuildLog
 
     job = out / "distributed-job.json"
     job.write_text(json.dumps({
@@ -239,12 +239,13 @@ def _train_distributed(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={adapter.sft.num_processes}", "-m", "tasks.sft", str(job)]  # fmt: skip
     log.info("sft %s: %d processes: %s", adapter.name, adapter.sft.num_processes, " ".join(command[1:]))
-    proc = subprocess.run(command, capture_output=True, text=True)
+    # The workers' log lines (steps, loss) go on to this process's log as they come; all of them
+    # are kept in train.log beside the adapter.
+    BuildLog(out / "train.log").run(command, f"sft {adapter.name}: distributed training", on_line=log.info)
     job.unlink()
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-        raise FtdError(f"sft {adapter.name}: distributed training failed (exit {proc.returncode}): {tail}")
-    return json.loads((out / TRAIN_META).read_text()) | {"num_processes": adapter.sft.num_processes}
+    meta = json.loads((out / TRAIN_META).read_text())
+    (out / TRAIN_META).unlink()
+    return meta | {"num_processes": adapter.sft.num_processes}
 
 
 def _distributed_worker(job_file: str) -> None:

@@ -167,13 +167,14 @@ Saving model.layers.1.mlp.up_proj.MatMul.weight (f32, [64,176]):  84%|███�
 Saving lm_head.MatMul.weight (f32, [64,396]): 100%|██████████| 19/19 [00:00<00:00, 4800.00it/s]"""
 
 
-def test_builder_output_becomes_progress(caplog) -> None:
+def test_builder_output_becomes_progress(caplog, tmp_path: Path) -> None:
     """The builder's own lines (layers read, tensors saved) drive the build's progress."""
     import logging
 
     from tasks.backends.onnx_genai import BuilderProgress
 
-    progress = BuilderProgress("build onnx-fp32", layers=2)
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    progress = BuilderProgress("build onnx-fp32", tmp_path)
     progress.progress.every = 0.0  # report every line
     with caplog.at_level(logging.INFO, logger="ftd.progress"):
         for line in BUILDER_OUTPUT.splitlines():

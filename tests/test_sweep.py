@@ -36,15 +36,20 @@ def write_sweep(tmp_path: Path, artifacts: Path, **extra) -> Path:
     return path
 
 
-def test_sweep_compares_shares_and_promotes_only_a_passing_point(tmp_path: Path) -> None:
-    artifacts = tmp_path / "artifacts"
-    sweep = write_sweep(tmp_path, artifacts)
+def run_sweep(sweep: Path, tmp_path: Path) -> dict:
+    """`ftd sweep SWEEP --summary`, as a user runs it; the summary it wrote."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     summary_path = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-m", "ftd.cli", "sweep", str(sweep), "--summary", str(summary_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(summary_path.read_text())
+    return json.loads(summary_path.read_text())
+
+
+def test_sweep_compares_shares_and_promotes_only_a_passing_point(tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    sweep = write_sweep(tmp_path, artifacts)
+    summary = run_sweep(sweep, tmp_path)
     points = {p["point"]: p for p in summary["points"]}
     assert len(points) == 4
     assert points[2]["gates"].startswith("failed") and "eval accuracy" in points[2]["gates"]
@@ -90,12 +95,7 @@ def test_concurrent_points_share_steps_without_building_twice(tmp_path: Path) ->
         overrides=[f"artifacts_dir={artifacts}", "smoke.max_prompts=16", "adapters.0.sft.max_steps=30",
                    "smoke.thresholds.min_accuracy=0"],
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    summary_path = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "ftd.cli", "sweep", str(sweep), "--summary", str(summary_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(summary_path.read_text())
+    summary = run_sweep(sweep, tmp_path)
     assert [p["gates"] for p in summary["points"]] == ["passed", "passed"]
     store = artifacts / "store"
     assert len(list((store / "base").iterdir())) == 1 and len(list((store / "data").iterdir())) == 1

@@ -23,15 +23,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
 from tasks.backends import Generation, register
 from tasks.backends.og_runtime import og_greedy
+from tasks.logged_command import BuildLog
 
 # (precision, device) pairs the builder accepts; the CPU ones can be built on this machine.
 SUPPORTED = {
@@ -118,8 +117,7 @@ class OnnxGenAI:
             return self._build_optimum(merged_dir, target, out)
         log = BuildLog(out / "build.log")
         command = _builder_command(merged_dir, out, target, _extra_options(target))
-        layers = json.loads((merged_dir / "config.json").read_text()).get("num_hidden_layers", 0)
-        progress = BuilderProgress(f"build {target.name}", layers)
+        progress = BuilderProgress(f"build {target.name}", merged_dir)
         seconds = log.run(command, f"onnx_genai build of target {target.name}", on_line=progress)
         _remove_tree(out / ".builder-cache")
         shown = _shown(command, merged_dir, out)
@@ -286,32 +284,6 @@ def _shown(command: list[str], merged_dir: Path, out: Path) -> str:
     return " ".join(shown)
 
 
-class BuildLog:
-    """Runs the build's subprocesses offline (local paths only), appending their output to build.log
-    and handing each output line to `on_line` (progress) as it comes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def run(self, command: list[str], what: str, on_line=None) -> float:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        started = time.perf_counter()
-        lines: list[str] = []
-        # Universal newlines: tqdm's carriage-return updates arrive as lines too.
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-            for line in proc.stdout:
-                lines.append(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-        seconds = time.perf_counter() - started
-        with self.path.open("a") as log:
-            log.write(f"$ {' '.join(command)}\n{''.join(lines)}\n")
-        if proc.returncode != 0:
-            tail = "".join(lines).strip().splitlines()[-5:]
-            raise FtdError(f"{what} failed: " + " | ".join(tail))
-        return seconds
-
-
 class BuilderProgress:
     """Progress of the og model builder, read from its output: it reads the embedding, each layer,
     the final norm and the LM head (the first 60% here), then saves the tensors under a tqdm
@@ -319,9 +291,10 @@ class BuilderProgress:
 
     SAVED = re.compile(r"\|\s*(\d+)/(\d+) \[")
 
-    def __init__(self, what: str, layers: int):
+    def __init__(self, what: str, model_dir: Path):
         from ftd.progress import Progress
 
+        layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
         self.progress = Progress(what, 100, counted=False)
         self.reads, self.read = layers + 3, 0
 

@@ -378,7 +378,7 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
 
     from ftd.config import MergeSettings
     from tasks.merge import stream_merge
-    from tasks.multi_lora import lora_initializers_to_inputs
+    from tasks.multi_lora import lora_initializers_to_inputs, lora_node_names
 
     dims = plan["decode"]
     config = synth.llama_config(dims["hidden"], dims["intermediate"], dims["layers"], dims["vocab"], dims["heads"])
@@ -387,19 +387,27 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
     synth.write_adapter(adapter, config, std=0.05)
     merged.mkdir()
     stream_merge(base, adapter, merged, MergeSettings())
-    engines = {name: work / f"engine-{name}" for name in ("fp32", "int4", "merged-fp32", "multi-lora")}
+    names = ("fp32", "int4", "merged-fp32", "multi-lora", "merged-int4", "multi-lora-int4")
+    engines = {name: work / f"engine-{name}" for name in names}
+    # int4 multi-LoRA as ftd builds it: base MatMuls quantised, the LoRA MatMuls kept fp32 (graph inputs)
+    keep_lora = "nodes_to_exclude=" + ",".join(lora_node_names(base, synth.LLAMA_TARGETS))
     builds = {
         "fp32": build_engine(base, engines["fp32"], "fp32", work),
         "int4": build_engine(base, engines["int4"], "int4", work),
         "merged-fp32": build_engine(merged, engines["merged-fp32"], "fp32", work),
         "multi-lora": build_engine(base, engines["multi-lora"], "fp32", work, [f"adapter_path={adapter}"]),
-    }
+        "merged-int4": build_engine(merged, engines["merged-int4"], "int4", work),
+        "multi-lora-int4": build_engine(base, engines["multi-lora-int4"], "int4", work,
+                                        [f"adapter_path={adapter}", keep_lora]),
+    }  # fmt: skip
     for engine in engines.values():
         set_threads(engine / "genai_config.json", plan["threads"])
     log("decode: engines built in " + ", ".join(f"{k} {v:.0f}s" for k, v in builds.items()))
-    lora_inputs = lora_initializers_to_inputs(engines["multi-lora"] / "model.onnx")
-    adapter_file = work / "bench.onnx_adapter"
-    adapter_bytes = export_adapter(lora_inputs, adapter, adapter_file)
+    adapter_files, adapter_bytes = {}, {}
+    for name in ("multi-lora", "multi-lora-int4"):
+        lora_inputs = lora_initializers_to_inputs(engines[name] / "model.onnx")
+        adapter_files[name] = work / f"bench-{name}.onnx_adapter"
+        adapter_bytes[name] = export_adapter(lora_inputs, adapter, adapter_files[name])
 
     shapes = synth.shapes_of(config)
     weight_bytes = {
@@ -407,7 +415,11 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
         "fp32": graph_weight_bytes(engines["fp32"] / "model.onnx")["read_bytes"],
         "int4": graph_weight_bytes(engines["int4"] / "model.onnx")["read_bytes"],
         "merged-fp32": graph_weight_bytes(engines["merged-fp32"] / "model.onnx")["read_bytes"],
-        "multi-lora": graph_weight_bytes(engines["multi-lora"] / "model.onnx")["read_bytes"] + adapter_bytes,
+        "multi-lora": graph_weight_bytes(engines["multi-lora"] / "model.onnx")["read_bytes"]
+        + adapter_bytes["multi-lora"],
+        "merged-int4": graph_weight_bytes(engines["merged-int4"] / "model.onnx")["read_bytes"],
+        "multi-lora-int4": graph_weight_bytes(engines["multi-lora-int4"] / "model.onnx")["read_bytes"]
+        + adapter_bytes["multi-lora-int4"],
     }
     prompt = random.Random(0).sample(range(10, 500), 16)
     common = {"prompt": prompt, "new_tokens": plan["new_tokens"], "threads": plan["threads"]}
@@ -416,8 +428,12 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
         "fp32": ("decode-og", {"model": str(engines["fp32"]), **common}),
         "int4": ("decode-og", {"model": str(engines["int4"]), **common}),
         "merged-fp32": ("decode-og", {"model": str(engines["merged-fp32"]), **common}),
-        "multi-lora": ("decode-og", {"model": str(engines["multi-lora"]), "adapter_file": str(adapter_file), **common}),
-    }
+        "multi-lora": ("decode-og", {"model": str(engines["multi-lora"]), "adapter_file": str(adapter_files["multi-lora"]),
+                                     **common}),
+        "merged-int4": ("decode-og", {"model": str(engines["merged-int4"]), **common}),
+        "multi-lora-int4": ("decode-og", {"model": str(engines["multi-lora-int4"]),
+                                          "adapter_file": str(adapter_files["multi-lora-int4"]), **common}),
+    }  # fmt: skip
     runs: dict[str, list] = {name: [] for name in jobs}
     tokens: dict[str, list] = {}
     names = list(jobs)
@@ -467,10 +483,14 @@ def bench_decode(work: Path, plan: dict, bandwidth: dict, log) -> dict:
             "multi_lora_over_merged_ms_per_token": stats(
                 [m / x for m, x in zip(runs["merged-fp32"], runs["multi-lora"], strict=True)]
             ),
+            "multi_lora_int4_over_merged_int4_ms_per_token": stats(
+                [m / x for m, x in zip(runs["merged-int4"], runs["multi-lora-int4"], strict=True)]
+            ),
         },  # fmt: skip
         "greedy_token_agreement": {
             "og fp32 vs transformers": agreement("fp32", "transformers"),
             "multi-lora vs merged fp32": agreement("multi-lora", "merged-fp32"),
+            "multi-lora int4 vs merged int4": agreement("multi-lora-int4", "merged-int4"),
         },
         "threads": plan["threads"],
     }
@@ -511,6 +531,9 @@ def targets(results: dict) -> list[dict]:
                      "met": r["int4_over_transformers_tokens_per_s"]["median"] >= 3})  # fmt: skip
         rows.append({"name": "multi-LoRA time/token ≤ 1.10× merged", "value": r["multi_lora_over_merged_ms_per_token"]["median"],
                      "met": r["multi_lora_over_merged_ms_per_token"]["median"] <= 1.10})  # fmt: skip
+        rows.append({"name": "multi-LoRA int4 time/token ≤ 1.10× merged int4",
+                     "value": r["multi_lora_int4_over_merged_int4_ms_per_token"]["median"],
+                     "met": r["multi_lora_int4_over_merged_int4_ms_per_token"]["median"] <= 1.10})  # fmt: skip
     return rows
 
 
@@ -589,6 +612,12 @@ def markdown(results: dict) -> str:
             f"| decode ms/token, adapter active | og multi-LoRA {fmt(e['multi-lora']['ms_per_token'], 2)} | og merged fp32 "
             f"{fmt(e['merged-fp32']['ms_per_token'], 2)} | {fmt(r['multi_lora_over_merged_ms_per_token'], 3)} | ≤ 1.10 | "
             f"{met('multi-LoRA time/token ≤ 1.10× merged')} |"
+        )
+        lines.append(
+            f"| decode ms/token, adapter active, int4 | og multi-LoRA int4 {fmt(e['multi-lora-int4']['ms_per_token'], 2)} "
+            f"| og merged int4 {fmt(e['merged-int4']['ms_per_token'], 2)} | "
+            f"{fmt(r['multi_lora_int4_over_merged_int4_ms_per_token'], 3)} | ≤ 1.10 | "
+            f"{met('multi-LoRA int4 time/token ≤ 1.10× merged int4')} |"
         )
         bw = results["bandwidth"]
         lines += [

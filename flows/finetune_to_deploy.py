@@ -17,6 +17,7 @@ from ftd.config import ExperimentConfig, TargetConfig, load_config
 from ftd.errors import GateFailed
 from ftd.orchestration import StageLog, StageRecord
 from ftd.preflight import preflight
+from ftd.run_records import record_run
 from ftd.store import Artifact, Store, digest
 from ftd.tracking import Tracker
 from tasks.adapter_import import check_base_record
@@ -121,15 +122,19 @@ def finetune_to_deploy(
         failures = [e.failure for e in engines if e.failure]
         if failures:
             raise GateFailed("; ".join(str(f) for f in failures))
-        return {
+        summary = {
             "experiment": cfg.experiment,
             "prefect_flow_run_id": str(flow_run.get_id()),
+            "prefect_flow_run_name": flow_run.get_name(),
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri,
             "stages": [vars(r) for r in stages.records],
             "registered": registered,
             "metrics": _metrics(adapters, engines),
         }
+        if not any(e.skipped for e in engines):  # what was skipped here must be tried again
+            record_run(cfg, tracker.uri, summary)
+        return summary
 
 
 def _adapter_chain(

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from ftd.errors import ConfigError, FtdError
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config value (repeatable), e.g. --set adapters.0.lora.r=16")  # fmt: skip
         if name == "run":
             p.add_argument("--summary", metavar="PATH", help="also write the run summary as JSON to PATH")
+            p.add_argument("--rerun", action="store_true",
+                           help="run the flow even when the experiment is up to date (every step a cache hit, "
+                           "recorded in Prefect and MLflow)")  # fmt: skip
     p = sub.add_parser("sweep", help="run one flow per point of a sweep, compare, promote the best passing one")
     p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-llama-lora.yaml")
     p.add_argument("--summary", metavar="PATH", help="also write the sweep summary as JSON to PATH")
@@ -93,6 +97,12 @@ def _dispatch(args) -> int:
     from ftd.servers import start_run_api_server
     from ftd.tracking import check_reachable, tracking_uri
 
+    if args.command == "run" and not args.rerun:
+        from ftd.run_records import up_to_date
+
+        recorded = up_to_date(cfg, tracking_uri(cfg))  # before anything starts: Prefect, MLflow, torch
+        if recorded is not None:
+            return _report_summary(recorded, args.summary)
     # Prefect's API starts while the pre-flight checks run (unless a server is configured, or a
     # fresh store is still to be migrated, below).
     server_started = start_run_api_server(cfg.artifacts_dir, tracking_uri(cfg)) if args.command == "run" else None
@@ -113,9 +123,13 @@ def _dispatch(args) -> int:
         server_started(idle_work=[functools.partial(importlib.import_module, m) for m in TRAINING_MODULES])
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
+    return _report_summary(summary, args.summary)
+
+
+def _report_summary(summary: dict, path: str | None) -> int:
     _print_summary(summary)
-    if args.summary:
-        with open(args.summary, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return 0
 
@@ -186,9 +200,16 @@ def _sweep(args) -> int:
 
 def _print_summary(summary: dict) -> None:
     print()
-    print(
-        f"ftd: experiment {summary['experiment']} done; MLflow run {summary['mlflow_run_id']} ({summary['tracking_uri']})"
-    )
+    if summary.get("up_to_date"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(summary["recorded_at"]))
+        print(f"ftd: experiment {summary['experiment']} is up to date: nothing to run. Its last run ({when}: "
+              f"Prefect flow run {summary.get('prefect_flow_run_name') or summary['prefect_flow_run_id']}, "
+              f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}) passed every gate with these "
+              f"inputs, code and libraries, and its {len(summary['stages'])} artifacts are intact. "
+              "`ftd run --rerun` runs the flow anyway.")  # fmt: skip
+    else:
+        print(f"ftd: experiment {summary['experiment']} done; MLflow run {summary['mlflow_run_id']} "
+              f"({summary['tracking_uri']})")  # fmt: skip
     for s in summary["stages"]:
         detail = f" ({s['detail']})" if s["detail"] else ""
         print(f"  {s['stage']:<13} {s['label']:<24} {s['status']:<10} {s['seconds']:>8.2f}s{detail}")

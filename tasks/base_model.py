@@ -59,7 +59,7 @@ def resolve_base(spec: BaseSpec, store: Store) -> Artifact:
     from ftd.integrity import check_weight_dir
 
     check_weight_dir(model_dir)  # before hashing: a truncated download is named, not trained on
-    content = _weights_digest(model_dir, store)
+    content = weights_digest(model_dir, store)
     key = stage_key(STAGE, code=code_version(__file__), config={"kind": "external"}, inputs=[content], libraries={})
 
     def record(tmp: Path) -> dict:
@@ -102,7 +102,7 @@ def _download(spec: BaseSpec) -> Path:
         raise FtdError(f"base_model: could not fetch {spec.name!r} from the hub: {type(exc).__name__}: {exc}") from None
 
 
-def _weights_digest(model_dir: Path, store: Store) -> str:
+def weights_digest(model_dir: Path, store: Store) -> str:
     """Content hash of the files that define the model (weights, config, tokenizer).
 
     Hashing 15 GB of weights on every run would cost minutes, so file hashes are memoised in the

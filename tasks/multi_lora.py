@@ -36,6 +36,7 @@ LORA_INPUT = re.compile(
 # The builder unfuses these projections and gives each part its own LoRA: A is shared, B's rows
 # are split in this order (Phi-3: qkv_proj = [q; k; v], gate_up_proj = [gate; up]).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+QUANTIZED = ("int4", "int8")  # builder precisions whose MatMuls become MatMulNBits
 LIBRARIES = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "peft")
 
 
@@ -74,10 +75,13 @@ def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, s
 
         zero = tmp / ".zero-adapter"
         _write_zero_adapter(model_dir(base), modules, zero)
+        extra = [f"adapter_path={zero}"]
+        if target.precision in QUANTIZED:  # quantise the base weights only: LoRA weights stay graph inputs
+            extra.append("nodes_to_exclude=" + ",".join(lora_node_names(model_dir(base), modules)))
         command = [
             sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir(base)), "-o", str(tmp),
             "-p", target.precision, "-e", target.device, "-c", str(tmp / ".builder-cache"),
-            "--extra_options", f"adapter_path={zero}",
+            "--extra_options", *extra,
         ]  # fmt: skip
         progress = BuilderProgress(f"build multi-LoRA graph {target.name}", model_dir(base))
         BuildLog(tmp / "build.log").run(command, "multi-LoRA graph build", on_line=progress)
@@ -90,6 +94,21 @@ def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, s
 
     key = graph_key(base, modules, target)
     return store.materialize(GRAPH, key, build, lineage={"base": base.key})
+
+
+def lora_node_names(base_dir: Path, modules: list[str]) -> list[str]:
+    """The builder's LoRA MatMul nodes (`/model/layers.{i}/attn/q_proj/lora_A/MatMul`) for `modules`.
+
+    At int4 the builder quantises every float MatMul, LoRA ones included, which would bake the
+    zero adapter into MatMulNBits weights; these names are excluded from quantisation instead.
+    Both blocks are listed for every module (a name that matches no node is ignored), so no
+    module-to-block table is needed; fused modules also list the parts the builder unfuses into."""
+    layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
+    names = set(modules) | {part for m in modules for part in FUSED.get(m, ())}
+    return [
+        f"/model/layers.{i}/{block}/{module}/lora_{ab}/MatMul"
+        for i in range(layers) for block in ("attn", "mlp") for module in sorted(names) for ab in "AB"
+    ]  # fmt: skip
 
 
 def _write_zero_adapter(base_dir: Path, modules: list[str], out: Path) -> None:

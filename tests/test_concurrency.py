@@ -45,7 +45,10 @@ def test_concurrent_runs_share_the_store_without_interference(tmp_path: Path) ->
     new = sorted(r["new"] for run in (a, b) for r in run["registered"] if r["kind"] == "adapter")
     assert new == [False, True]  # registered once, found by the other
 
-    second = [start(artifacts, "c", tmp_path, "--set", "adapters.0.lora.r=4"), start(artifacts, "d", tmp_path)]
+    second = [
+        start(artifacts, "c", tmp_path, "--set", "adapters.0.lora.r=4"),
+        start(artifacts, "d", tmp_path, "--rerun"),
+    ]
     c, d = (finish(p, s, tmp_path, n) for (p, s), n in zip(second, ("c", "d")))
     assert {s["stage"]: s["status"] for s in d["stages"]}["adapter"] == "cache hit"
     assert {s["stage"]: s["status"] for s in c["stages"]}["adapter"] == "built"

@@ -1,7 +1,8 @@
 """The default config end to end through the real CLI, Prefect and MLflow (a few minutes).
 
 One artifacts folder is shared by the tests in this module, in order: a cold run, an unchanged
-rerun, then reruns with one setting changed, then a parity-gate failure.
+rerun (up to date: nothing starts), the same with --rerun (every step a recorded cache hit), then
+reruns with one setting changed, then a parity-gate failure.
 """
 
 from __future__ import annotations
@@ -76,8 +77,33 @@ def test_cold_run_trains_builds_and_passes_the_gate(shared):
     shared["first"] = summary
 
 
-def test_unchanged_rerun_is_all_cache_hits_and_registers_nothing_new(shared):
-    result = run_ftd(shared["artifacts"])
+def _flow_runs(artifacts: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(artifacts / "prefect" / "prefect.db") as db:
+        return db.execute("SELECT COUNT(*) FROM flow_run").fetchone()[0]
+
+
+def test_unchanged_rerun_is_up_to_date_and_starts_nothing(shared):
+    artifacts, first = shared["artifacts"], shared["first"]
+    experiment = _client(artifacts).get_experiment_by_name("tiny-llama").experiment_id
+    flow_runs, mlflow_runs = _flow_runs(artifacts), len(_client(artifacts).search_runs([experiment]))
+    result = run_ftd(artifacts)
+    assert result.code == 0, result.stderr[-3000:]
+    assert "is up to date: nothing to run" in result.stdout
+    summary = result.summary
+    assert summary["up_to_date"] is True
+    assert set(_statuses(summary).values()) == {"up to date"}
+    assert {s["stage"]: s["key"] for s in summary["stages"]} == {s["stage"]: s["key"] for s in first["stages"]}
+    assert summary["mlflow_run_id"] == first["mlflow_run_id"] and summary["metrics"] == first["metrics"]
+    # Nothing was started, so nothing new was recorded.
+    assert "Flow run" not in result.stdout + result.stderr
+    assert _flow_runs(artifacts) == flow_runs
+    assert len(_client(artifacts).search_runs([experiment])) == mlflow_runs
+
+
+def test_rerun_flag_runs_the_flow_all_cache_hits_and_registers_nothing_new(shared):
+    result = run_ftd(shared["artifacts"], "--rerun")
     assert result.code == 0, result.stderr[-3000:]
     assert set(_statuses(result.summary).values()) == {"cache hit"}
     assert all(not r["new"] for r in result.summary["registered"])

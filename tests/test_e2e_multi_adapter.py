@@ -1,6 +1,6 @@
 """Several adapters on one base (two trained with different ranks and modules, one imported
-rsLoRA adapter), four targets: merged fp32, merged int4, one ONNX multi-LoRA bundle, one
-TensorRT-LLM + Triton bundle.
+rsLoRA adapter), five targets: merged fp32, merged int4, one ONNX multi-LoRA bundle in fp32 and one
+in int4, one TensorRT-LLM + Triton bundle.
 
 Adding an adapter to an experiment re-exports only that adapter: the multi-LoRA base graph and
 the other adapters' exports (ONNX and TensorRT-LLM) are cache hits.
@@ -39,18 +39,19 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         assert m[f"{name}.onnx-fp32.agreement.merged_vs_engine"] >= 0.95
         assert m[f"{name}.eval_accuracy_after"] >= 0.9
     assert set(_records(result.summary, "onnx-adapter")) == {
-        "numbers/onnx-multi-lora",
-        "numbers-imported/onnx-multi-lora",
+        f"{name}/{target}"
+        for name in ("numbers", "numbers-imported")
+        for target in ("onnx-multi-lora", "onnx-multi-lora-int4")
     }
 
     result = run_ftd(artifacts, config=CONFIG)
     assert result.code == 0, result.stderr[-4000:]
     summary, m = result.summary, result.summary["metrics"]
-    assert _records(summary, "lora-graph") == {"onnx-multi-lora": "cache hit"}
+    assert _records(summary, "lora-graph") == {"onnx-multi-lora": "cache hit", "onnx-multi-lora-int4": "cache hit"}
     assert _records(summary, "onnx-adapter") == {
-        "numbers/onnx-multi-lora": "cache hit",
-        "numbers-imported/onnx-multi-lora": "cache hit",
-        "next-digit/onnx-multi-lora": "built",
+        f"{name}/{target}": "built" if name == "next-digit" else "cache hit"
+        for name in ("numbers", "numbers-imported", "next-digit")
+        for target in ("onnx-multi-lora", "onnx-multi-lora-int4")
     }
     assert _records(summary, "adapter") == {
         "numbers": "cache hit",
@@ -62,10 +63,12 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95
         assert m[f"{name}.onnx-multi-lora.max_logit_diff.merged_vs_engine"] < 1e-3
         assert m[f"{name}.eval_accuracy_after"] >= 0.9
-        # int4 stays within its stated margin of the fp32 engine's accuracy.
+        # int4 stays within its stated margin of the fp32 engine's accuracy; so does the int4
+        # multi-LoRA bundle (int4 base graph, fp32 LoRA inputs), with the margin its config states.
         assert m[f"{name}.onnx-int4.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - 0.1
+        assert m[f"{name}.onnx-multi-lora-int4.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - 0.15
     registered = {(r["kind"], r["item"]) for r in summary["registered"]}
-    assert ("engine", "onnx-multi-lora") in registered
+    assert {("engine", "onnx-multi-lora"), ("engine", "onnx-multi-lora-int4")} <= registered
     assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered
 
     # TensorRT-LLM + Triton: one bundle for all three adapters (ranks 8, 4, 16), verified on CPU;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import importlib
 import json
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from ftd.errors import ConfigError, FtdError
 
-# What SFT, merging and the smoke test import, cheapest and most needed first.
-TRAINING_MODULES = ("torch", "transformers", "transformers.models.auto.modeling_auto", "peft", "datasets", "trl")
+# What SFT, merging, the smoke test and the og builder import, cheapest and most needed first.
+TRAINING_MODULES = ("torch", "transformers", "transformers.models.auto.modeling_auto", "peft", "datasets", "trl",
+                    "onnxruntime_genai.models.builder")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +122,15 @@ def _dispatch(args) -> int:
     if server_started:
         # Rather than sleep until the API answers, import what training will need, one module at
         # a time: a cold run gains those seconds, a fully cached run loses at most one import.
-        server_started(idle_work=[functools.partial(importlib.import_module, m) for m in TRAINING_MODULES])
+        server_started(idle_work=[functools.partial(_import_if_installed, m) for m in TRAINING_MODULES])
 
     summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
     return _report_summary(summary, args.summary)
+
+
+def _import_if_installed(module: str) -> None:
+    with contextlib.suppress(ImportError):  # a backend's package may be absent: its stage says so
+        importlib.import_module(module)
 
 
 def _report_summary(summary: dict, path: str | None) -> int:

@@ -70,7 +70,7 @@ def graph_key(base: Artifact, modules: list[str], target: TargetConfig) -> str:
 
 def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, store: Store) -> Artifact:
     def build(tmp: Path) -> dict:
-        from tasks.backends.onnx_genai import BuilderProgress
+        from tasks.backends.onnx_genai import BuilderProgress, builder_in_process
         from tasks.logged_command import BuildLog
 
         zero = tmp / ".zero-adapter"
@@ -84,7 +84,8 @@ def build_lora_graph(base: Artifact, modules: list[str], target: TargetConfig, s
             "--extra_options", *extra,
         ]  # fmt: skip
         progress = BuilderProgress(f"build multi-LoRA graph {target.name}", model_dir(base))
-        BuildLog(tmp / "build.log").run(command, "multi-LoRA graph build", on_line=progress)
+        BuildLog(tmp / "build.log").run(command, "multi-LoRA graph build", on_line=progress,
+                                        in_process=builder_in_process(target))  # fmt: skip
         shutil.rmtree(zero)
         shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
         inputs = lora_initializers_to_inputs(tmp / "model.onnx")

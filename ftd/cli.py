@@ -100,11 +100,12 @@ def _dispatch(args) -> int:
     from ftd.tracking import check_reachable, tracking_uri
 
     if args.command == "run" and not args.rerun:
-        from ftd.run_records import up_to_date
+        from ftd.run_records import check
 
-        recorded = up_to_date(cfg, tracking_uri(cfg))  # before anything starts: Prefect, MLflow, torch
-        if recorded is not None:
-            return _report_summary(recorded, args.summary)
+        verdict = check(cfg, tracking_uri(cfg))  # before anything starts: Prefect, MLflow, torch
+        if verdict.summary is not None:
+            return _report_summary(verdict.summary, args.summary)
+        print(f"ftd: running {cfg.experiment}: {verdict.reason}", flush=True)
     # Prefect's API starts while the pre-flight checks run (unless a server is configured, or a
     # fresh store is still to be migrated, below).
     server_started = start_run_api_server(cfg.artifacts_dir, tracking_uri(cfg)) if args.command == "run" else None

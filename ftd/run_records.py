@@ -27,6 +27,8 @@ import os
 import re
 import sysconfig
 import time
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,10 @@ def record_run(cfg: ExperimentConfig, tracking_uri: str, summary: dict[str, Any]
     step or a smoke test was skipped or the base cannot be fingerprinted)."""
     if any(s["status"] == "skipped" for s in summary["stages"]):
         return None
-    parts = fingerprint_parts(cfg, tracking_uri)
+    try:
+        parts = fingerprint_parts(cfg, tracking_uri)
+    except OSError:  # an input changed under the run: the next run simply runs
+        return None
     if parts is None:
         return None
     path = Path(cfg.artifacts_dir).resolve() / RECORDS / f"{digest(parts)}.json"
@@ -85,22 +90,65 @@ def record_run(cfg: ExperimentConfig, tracking_uri: str, summary: dict[str, Any]
     return path
 
 
+@dataclass
+class Verdict:
+    """The up-to-date check's answer: the recorded summary, or why the flow must run."""
+
+    summary: dict[str, Any] | None
+    reason: str = ""
+
+
+# The fingerprint's parts, as a user would name what changed.
+PART_NAMES = {"config": "the config", "tracking_uri": "the tracking URI", "base": "the base model",
+              "inputs": "the data or imported adapters", "source": "ftd's code", "libraries": "the installed libraries"}  # fmt: skip
+
+
+def check(cfg: ExperimentConfig, tracking_uri: str) -> Verdict:
+    """Up to date when this exact experiment already ran to completion and every artifact it lists
+    is intact (sizes checked, like a cache hit); otherwise the reason, naming what changed since
+    the experiment's last passing run when there is one."""
+    try:
+        parts = fingerprint_parts(cfg, tracking_uri)
+    except OSError:  # a missing or unreadable input: pre-flight names it, with the field
+        return Verdict(None, "an input cannot be read")
+    if parts is None:
+        return Verdict(
+            None, "its base model is a hub id without a pinned commit (`revision`), which can move on the hub"
+        )
+    folder = Path(cfg.artifacts_dir).resolve() / RECORDS
+    path = folder / f"{digest(parts)}.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        store = Store(cfg.artifacts_dir)
+        lost = [
+            f"{s['stage']}/{s['key'][:12]}" for s in record["summary"]["stages"] if not store.has(s["stage"], s["key"])
+        ]
+        if not lost:
+            summary = dict(record["summary"], up_to_date=True, recorded_at=record["recorded_at"])
+            summary["stages"] = [dict(s, status="up to date", seconds=0.0) for s in summary["stages"]]
+            return Verdict(summary)
+        return Verdict(None, f"artifacts of its last passing run are missing or damaged: {', '.join(lost[:3])}")
+    previous = _latest_record(folder, cfg.experiment)
+    if previous is None:
+        return Verdict(None, "no passing run of it is recorded in this artifacts folder")
+    changed = [words for part, words in PART_NAMES.items() if previous.get("fingerprint", {}).get(part) != parts[part]]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous["recorded_at"]))
+    return Verdict(None, f"since its last passing run ({when}) {' and '.join(changed) or 'something'} changed")
+
+
 def up_to_date(cfg: ExperimentConfig, tracking_uri: str) -> dict[str, Any] | None:
-    """The recorded summary when this exact experiment already ran to completion and every artifact
-    it lists is intact (sizes checked, like a cache hit); otherwise None."""
-    key = fingerprint(cfg, tracking_uri)
-    if key is None:
-        return None
-    path = Path(cfg.artifacts_dir).resolve() / RECORDS / f"{key}.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    store = Store(cfg.artifacts_dir)
-    if not all(store.has(s["stage"], s["key"]) for s in record["summary"]["stages"]):
-        return None
-    summary = dict(record["summary"], up_to_date=True, recorded_at=record["recorded_at"])
-    summary["stages"] = [dict(s, status="up to date", seconds=0.0) for s in summary["stages"]]
-    return summary
+    """The recorded summary when the experiment is up to date (see `check`), else None."""
+    return check(cfg, tracking_uri).summary
+
+
+def _latest_record(folder: Path, experiment: str) -> dict[str, Any] | None:
+    records = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        with suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            if record["summary"]["experiment"] == experiment:
+                records.append(record)
+    return max(records, key=lambda r: r["recorded_at"], default=None)
 
 
 def _source_digest() -> str:

@@ -127,6 +127,8 @@ def test_rerun_flag_runs_the_flow_all_cache_hits_and_registers_nothing_new(share
 def test_changing_smoke_settings_reruns_only_the_smoke_test(shared):
     result = run_ftd(shared["artifacts"], "--set", "smoke.max_new_tokens=6")
     assert result.code == 0, result.stderr[-3000:]
+    assert "ftd: running tiny-llama: since its last passing run" in result.stdout  # ... "the config changed"
+    assert "the config changed" in result.stdout
     statuses = _statuses(result.summary)
     assert {s: statuses[s] for s in ("reference", "smoke")} == {"reference": "built", "smoke": "built"}
     assert all(statuses[s] == "cache hit" for s in ("base", "data", "adapter", "merged", "engine"))

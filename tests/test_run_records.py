@@ -3,6 +3,7 @@ and every listed artifact are unchanged (the end-to-end use is in test_e2e)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -94,3 +95,36 @@ def test_a_hub_model_counts_only_when_pinned_to_a_commit(setup) -> None:
     assert run_records.fingerprint(unpinned, URI) is None  # `main` can move on the hub
     pinned = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model", "revision=" + "a" * 40])
     assert run_records.fingerprint(pinned, URI) is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("nothing recorded", "no passing run of it is recorded"),
+        ("data content", r"since its last passing run \(.*\) the data or imported adapters changed"),
+        ("config value", r"the config changed"),
+        ("artifact deleted", r"artifacts of its last passing run are missing or damaged: engine/engine-key"),
+    ],
+)
+def test_a_miss_says_what_changed(setup, change: str, reason: str) -> None:
+    cfg, overrides, data, store, summary = setup
+    if change != "nothing recorded":
+        run_records.record_run(cfg, URI, summary)
+    if change == "data content":
+        with open(data / "eval.jsonl", "a") as f:
+            f.write(
+                '{"messages": [{"role": "user", "content": "Even or odd: 5"}, {"role": "assistant", "content": "odd"}]}\n'
+            )
+    elif change == "config value":
+        cfg = load_config(DEFAULT_CONFIG, [*overrides, "smoke.max_new_tokens=4"])
+    elif change == "artifact deleted":
+        shutil.rmtree(store.path("engine", "engine-key"))
+    verdict = run_records.check(cfg, URI)
+    assert verdict.summary is None
+    assert re.search(reason, verdict.reason), verdict.reason
+
+
+def test_an_unpinned_hub_model_is_never_up_to_date_and_says_why(setup) -> None:
+    _, overrides, _, _, _ = setup
+    cfg = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model"])
+    assert "without a pinned commit" in run_records.check(cfg, URI).reason

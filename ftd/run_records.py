@@ -40,16 +40,10 @@ SOURCE_DIRS = ("ftd", "tasks", "flows")
 PINNED_REVISION = re.compile(r"^[0-9a-f]{40}$")
 
 
-def fingerprint(cfg: ExperimentConfig, tracking_uri: str) -> str | None:
-    """Hash of everything the run's outputs depend on; None when that cannot be known cheaply
-    (a hub model that is not pinned to a commit)."""
-    parts = fingerprint_parts(cfg, tracking_uri)
-    return None if parts is None else digest(parts)
-
-
 def fingerprint_parts(cfg: ExperimentConfig, tracking_uri: str) -> dict[str, str] | None:
-    """What `fingerprint` hashes, one digest per kind of input (kept in the record, so a miss can
-    be explained)."""
+    """Everything the run's outputs depend on, one digest per kind of input (their hash names the
+    record; the parts are kept in it, so a miss can be explained). None when that cannot be known
+    cheaply: a hub model that is not pinned to a commit."""
     from tasks.base_model import builtin_key, parse_base, weights_digest
 
     spec = parse_base(cfg.base_model, cfg.revision)
@@ -134,11 +128,6 @@ def check(cfg: ExperimentConfig, tracking_uri: str) -> Verdict:
     changed = [words for part, words in PART_NAMES.items() if previous.get("fingerprint", {}).get(part) != parts[part]]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous["recorded_at"]))
     return Verdict(None, f"since its last passing run ({when}) {' and '.join(changed) or 'something'} changed")
-
-
-def up_to_date(cfg: ExperimentConfig, tracking_uri: str) -> dict[str, Any] | None:
-    """The recorded summary when the experiment is up to date (see `check`), else None."""
-    return check(cfg, tracking_uri).summary
 
 
 def _latest_record(folder: Path, experiment: str) -> dict[str, Any] | None:

@@ -203,11 +203,9 @@ class Tracker:
         return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
 
     def _registry_lock(self, model_name: str):
-        import hashlib
+        from ftd.store import digest, file_lock
 
-        from ftd.store import file_lock
-
-        name = hashlib.sha256(f"{self.uri}|{model_name}".encode()).hexdigest()[:16]
+        name = digest(self.uri, model_name, length=16)
         return file_lock(Path(self.cfg.artifacts_dir).resolve() / "locks" / f"registry-{name}.lock")
 
     @contextmanager

@@ -39,16 +39,27 @@ def setup(tmp_path: Path):
 
 def test_a_recorded_run_is_up_to_date_with_every_artifact_intact(setup) -> None:
     cfg, _, _, _, summary = setup
-    assert run_records.up_to_date(cfg, URI) is None  # nothing recorded yet
+    before = run_records.check(cfg, URI)
+    assert before.summary is None  # nothing recorded yet
+    assert "no passing run of it is recorded" in before.reason
     assert run_records.record_run(cfg, URI, summary) is not None
-    found = run_records.up_to_date(cfg, URI)
+    found = run_records.check(cfg, URI).summary
     assert found is not None and found["up_to_date"] is True
     assert [s["status"] for s in found["stages"]] == ["up to date", "up to date"]
     assert found["metrics"] == summary["metrics"] and found["mlflow_run_id"] == "m"
 
 
-@pytest.mark.parametrize("change", ["data content", "config value", "tracking uri", "installed library", "ftd source"])
-def test_any_changed_input_voids_the_record(setup, monkeypatch, change: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("data content", "the data or imported adapters"),
+        ("config value", "the config"),
+        ("tracking uri", "the tracking URI"),
+        ("installed library", "the installed libraries"),
+        ("ftd source", "ftd's code"),
+    ],
+)
+def test_any_changed_input_voids_the_record_and_is_named(setup, monkeypatch, change: str, named: str) -> None:
     cfg, overrides, data, _, summary = setup
     run_records.record_run(cfg, URI, summary)
     uri = URI
@@ -67,7 +78,9 @@ def test_any_changed_input_voids_the_record(setup, monkeypatch, change: str) -> 
     else:
         source = run_records._source_digest()
         monkeypatch.setattr(run_records, "_source_digest", lambda: source + "-edited")
-    assert run_records.up_to_date(cfg, uri) is None
+    verdict = run_records.check(cfg, uri)
+    assert verdict.summary is None
+    assert re.search(rf"since its last passing run \(.*\) {re.escape(named)} changed$", verdict.reason), verdict.reason
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
@@ -79,52 +92,22 @@ def test_a_damaged_or_missing_artifact_voids_the_record(setup, damage: str) -> N
         (engine / "weights.bin").write_bytes(b"x" * 10)
     else:
         shutil.rmtree(engine)
-    assert run_records.up_to_date(cfg, URI) is None
+    verdict = run_records.check(cfg, URI)
+    assert verdict.summary is None
+    assert "artifacts of its last passing run are missing or damaged: engine/engine-key" in verdict.reason
 
 
 def test_runs_with_a_skipped_step_are_never_recorded(setup) -> None:
     cfg, _, _, _, summary = setup
     summary["stages"][1] |= {"status": "skipped", "detail": "needs an NVIDIA GPU"}
     assert run_records.record_run(cfg, URI, summary) is None
-    assert run_records.up_to_date(cfg, URI) is None
+    assert run_records.check(cfg, URI).summary is None
 
 
 def test_a_hub_model_counts_only_when_pinned_to_a_commit(setup) -> None:
     _, overrides, _, _, _ = setup
     unpinned = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model"])
-    assert run_records.fingerprint(unpinned, URI) is None  # `main` can move on the hub
+    assert run_records.fingerprint_parts(unpinned, URI) is None  # `main` can move on the hub
+    assert "without a pinned commit" in run_records.check(unpinned, URI).reason
     pinned = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model", "revision=" + "a" * 40])
-    assert run_records.fingerprint(pinned, URI) is not None
-
-
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [
-        ("nothing recorded", "no passing run of it is recorded"),
-        ("data content", r"since its last passing run \(.*\) the data or imported adapters changed"),
-        ("config value", r"the config changed"),
-        ("artifact deleted", r"artifacts of its last passing run are missing or damaged: engine/engine-key"),
-    ],
-)
-def test_a_miss_says_what_changed(setup, change: str, reason: str) -> None:
-    cfg, overrides, data, store, summary = setup
-    if change != "nothing recorded":
-        run_records.record_run(cfg, URI, summary)
-    if change == "data content":
-        with open(data / "eval.jsonl", "a") as f:
-            f.write(
-                '{"messages": [{"role": "user", "content": "Even or odd: 5"}, {"role": "assistant", "content": "odd"}]}\n'
-            )
-    elif change == "config value":
-        cfg = load_config(DEFAULT_CONFIG, [*overrides, "smoke.max_new_tokens=4"])
-    elif change == "artifact deleted":
-        shutil.rmtree(store.path("engine", "engine-key"))
-    verdict = run_records.check(cfg, URI)
-    assert verdict.summary is None
-    assert re.search(reason, verdict.reason), verdict.reason
-
-
-def test_an_unpinned_hub_model_is_never_up_to_date_and_says_why(setup) -> None:
-    _, overrides, _, _, _ = setup
-    cfg = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model"])
-    assert "without a pinned commit" in run_records.check(cfg, URI).reason
+    assert run_records.fingerprint_parts(pinned, URI) is not None

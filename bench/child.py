@@ -23,6 +23,8 @@ def _rss_mb() -> float:
 
 
 def merge_ours(args: dict) -> dict:
+    import torch  # noqa: F401 (imported before the clock starts, as merge_peft's libraries are)
+
     from ftd.config import MergeSettings
     from tasks.merge import stream_merge
 

@@ -4,10 +4,8 @@ trl, peft, transformers and onnxruntime-genai directly, the way users glue them 
 Same data, settings and seed as the config's first adapter and target; no cache, no tracking, no
 orchestration. It does the same work as `ftd run` (train, merge, build, then check that the
 trained model, the merged model and the engine agree on the eval prompts) so the time difference
-is what ftd adds. Run: `python -m bench.plain_pipeline CONFIG BASE_DIR OUT_DIR RESULT_JSON [VARIANTS]`;
-the base directory is the built model (what a hub cache would hold). Prints nothing it does not time.
-VARIANTS other than `identical` is a comma list of SFT settings to train one after another in this
-process (SFT throughput only), after a short untimed warm-up training.
+is what ftd adds. Run: `python -m bench.plain_pipeline CONFIG BASE_DIR OUT_DIR RESULT_JSON`; the
+base directory is the built model (what a hub cache would hold). Prints nothing it does not time.
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ VARIANTS = {
 }
 
 
-def main(config_path: str, base_dir: str, out_dir: str, result_path: str, variants: str = "identical") -> None:
-    """`identical` runs the whole pipeline; a list of variants only trains (SFT throughput)."""
+def main(config_path: str, base_dir: str, out_dir: str, result_path: str, variant: str = "identical") -> None:
+    """`identical` runs the whole pipeline; the other variants stop after training (SFT throughput)."""
     import numpy as np
     import torch
     import yaml
@@ -60,48 +58,31 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-    def trainer_for(variant: str, max_steps: int):
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        args = SFTConfig(
-            output_dir=str(out / "checkpoints"), max_steps=max_steps, learning_rate=sft["learning_rate"],
-            per_device_train_batch_size=sft["batch_size"], max_length=sft["max_length"],
-            warmup_steps=sft["warmup_steps"], lr_scheduler_type=sft["scheduler"], seed=sft["seed"],
-            data_seed=sft["seed"], logging_steps=10, save_steps=100, save_total_limit=2, report_to=[],
-            disable_tqdm=True, use_cpu=True, **VARIANTS[variant],
-        )  # fmt: skip
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")  # fmt: skip
-        set_seed(sft["seed"])  # before peft draws the LoRA A matrices
-        return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                          processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
-
-    def tokens_seen(trainer) -> int:
-        return max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
-
-    if variants != "identical":
-        trainer_for("identical", 10).train()  # warm-up: the first training in a process pays one-off costs
-        trained = []
-        for variant in variants.split(","):
-            trainer = trainer_for(variant, sft["max_steps"])
-            t = time.perf_counter()
-            trainer.train()
-            trained.append(
-                {"variant": variant, "sft_train": time.perf_counter() - t, "tokens_seen": tokens_seen(trainer)}
-            )
-        Path(result_path).write_text(json.dumps({"phases": phases, "variants": trained}))
-        return
-
-    trainer = trainer_for("identical", sft["max_steps"])
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"), max_steps=sft["max_steps"], learning_rate=sft["learning_rate"],
+        per_device_train_batch_size=sft["batch_size"], max_length=sft["max_length"],
+        warmup_steps=sft["warmup_steps"], lr_scheduler_type=sft["scheduler"], seed=sft["seed"],
+        data_seed=sft["seed"], logging_steps=10, save_steps=100, save_total_limit=2, report_to=[],
+        disable_tqdm=True, use_cpu=True, **VARIANTS[variant],
+    )  # fmt: skip
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    set_seed(sft["seed"])  # before peft draws the LoRA A matrices
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                         processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
     phases["sft_setup"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.train()
     phases["sft_train"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.model.save_pretrained(out / "adapter")
-    tokens = tokens_seen(trainer)
-    del trainer
+    tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
+    del trainer, model
     phases["sft_save"] = time.perf_counter() - t
+    if variant != "identical":
+        Path(result_path).write_text(json.dumps({"phases": phases, "tokens_seen": tokens, "variant": variant}))
+        return
 
     t = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

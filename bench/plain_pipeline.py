@@ -21,6 +21,7 @@ STARTED = time.perf_counter()
 
 VARIANTS = {
     "identical": {"bf16": False, "gradient_checkpointing": False},  # what ftd passes on CPU
+    "ftd-settings": {"bf16": False, "gradient_checkpointing": False},  # the same, training only
     "trl-defaults": {},  # TRL's own: bf16 autocast and gradient checkpointing, on CPU too
     "packing": {"bf16": False, "gradient_checkpointing": False, "packing": True},
 }

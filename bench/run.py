@@ -712,7 +712,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small models, no scaling checkpoints (~2 min smoke check)"
+        "--quick", action="store_true", help="small models, no scaling checkpoints (~5 min smoke check on 2 cores)"
     )
     parser.add_argument("--only", choices=["pipeline", "merge", "decode"], help="run one part only")
     parser.add_argument("--skip-large", action="store_true", help="skip the checkpoint above half of RAM")

@@ -358,11 +358,9 @@ def bench_scaling(work: Path, plan: dict, ram_bytes: int, deadline: float, log, 
 # ---------------------------------------------------------------- 2. decode
 
 
-def build_engine(hf_dir: Path, out: Path, precision: str, work: Path, extra: list[str] | None = None) -> float:
+def build_engine(hf_dir: Path, out: Path, precision: str, work: Path) -> float:
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
                "-p", precision, "-e", "cpu", "-c", str(work / ".builder-cache")]  # fmt: skip
-    if extra:
-        command += ["--extra_options", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -405,45 +403,30 @@ def graph_weight_bytes(model_path: Path) -> dict:
     return {"read_bytes": read, "gathered_bytes": gathered}
 
 
-def export_adapter(lora_inputs: dict, adapter_dir: Path, out_file: Path) -> int:
-    """Mirror of tasks.multi_lora.export_onnx_adapter for one adapter: tensors named as the graph's inputs,
-    transposed to the builder's layout, scale folded into B."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from tasks.merge import module_scale, read_adapter
+def add_adapter(engine: Path, base_dir: Path, adapter_dir: Path, out_file: Path) -> int:
+    """Make `engine` (the base model's og graph) a multi-LoRA graph as ftd does (tasks.lora_graph) and
+    export the adapter for it; returns the adapter's bytes (read on every decode step)."""
+    from tasks import lora_graph
+    from tasks.merge import read_adapter
+    from tasks.multi_lora import write_onnx_adapter
 
     config, pairs = read_adapter(adapter_dir)
-    by_layer_module = {}
-    for pair in pairs.values():
-        match = re.search(r"layers\.(\d+)\.\w+\.(\w+)$", pair.module)
-        by_layer_module[(int(match[1]), match[2])] = pair
-    params, nbytes = {}, 0
-    for name, spec in lora_inputs.items():
-        pair = by_layer_module[(spec["layer"], spec["module"])]
-        if spec["ab"] == "A":
-            array = pair.A.float().numpy().T
-        else:
-            array = (pair.B.float() * module_scale(config, pair.module, pair.A.shape[0])).numpy().T
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        nbytes += array.nbytes
-        params[name] = ort.OrtValue.ortvalue_from_numpy(array)
-    adapter_format = ort.AdapterFormat()
-    adapter_format.set_adapter_version(1)
-    adapter_format.set_model_version(1)
-    adapter_format.set_parameters(params)
-    adapter_format.export_adapter(str(out_file))
-    return nbytes
+    base_config = json.loads((base_dir / "config.json").read_text())
+    specs = lora_graph.add_lora_branches(engine / "model.onnx", base_config, sorted(synth.LLAMA_TARGETS))
+    arrays = lora_graph.adapter_arrays(specs, config, pairs, "bench")
+    write_onnx_adapter(arrays, out_file)
+    return sum(array.nbytes for array in arrays.values())
 
 
-# Every engine the decode benchmark can build: (model: base or merged, precision, builder options).
+# Every engine the decode benchmark can build: (model: base or merged, precision).
 # fp32 and int4 are the merged model's engines (what a merge deploys); the multi-LoRA engines are the
-# base graph with the adapter as inputs. transformers runs the merged model too.
+# base model's graph with LoRA branches whose weights come from the adapter. transformers runs the
+# merged model too.
 ENGINE_SPECS = {
-    "fp32": ("merged", "fp32", ()),
-    "int4": ("merged", "int4", ()),
-    "multi-lora": ("base", "fp32", ("adapter",)),
-    "multi-lora-int4": ("base", "int4", ("adapter", "keep-lora-fp32")),
+    "fp32": ("merged", "fp32"),
+    "int4": ("merged", "int4"),
+    "multi-lora": ("base", "fp32"),
+    "multi-lora-int4": ("base", "int4"),
 }
 MULTI_LORA = {"multi-lora": "fp32", "multi-lora-int4": "int4"}  # each against the merged engine of its precision
 
@@ -454,7 +437,6 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
 
     from ftd.config import MergeSettings
     from tasks.merge import stream_merge
-    from tasks.multi_lora import lora_initializers_to_inputs, lora_node_names
 
     work = work / f"decode-{spec['name']}"
     config = synth.llama_config(spec["hidden"], spec["intermediate"], spec["layers"], spec["vocab"], spec["heads"])
@@ -464,20 +446,17 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
     synth.write_adapter(adapter, config, std=0.05)
     dirs["merged"].mkdir()
     stream_merge(dirs["base"], adapter, dirs["merged"], MergeSettings())
-    # int4 multi-LoRA as ftd builds it: base MatMuls quantised, the LoRA MatMuls kept fp32 (graph inputs)
-    options = {"adapter": f"adapter_path={adapter}",
-               "keep-lora-fp32": "nodes_to_exclude=" + ",".join(lora_node_names(dirs["base"], synth.LLAMA_TARGETS))}  # fmt: skip
     engines, builds, adapter_files, weight_bytes = {}, {}, {}, {}
     for name in spec["engines"]:
-        model, precision, extra = ENGINE_SPECS[name]
+        model, precision = ENGINE_SPECS[name]
         engines[name] = work / f"engine-{name}"
-        builds[name] = build_engine(dirs[model], engines[name], precision, work, [options[o] for o in extra])
+        builds[name] = build_engine(dirs[model], engines[name], precision, work)
         set_threads(engines[name] / "genai_config.json", threads)
-        weight_bytes[name] = graph_weight_bytes(engines[name] / "model.onnx")["read_bytes"]
-        if "adapter" in extra:  # the LoRA weights move from the graph into an .onnx_adapter file
-            lora_inputs = lora_initializers_to_inputs(engines[name] / "model.onnx")
+        extra_bytes = 0
+        if name in MULTI_LORA:  # LoRA branches, their weights (fp32 at every precision) in an .onnx_adapter
             adapter_files[name] = work / f"{name}.onnx_adapter"
-            weight_bytes[name] += export_adapter(lora_inputs, adapter, adapter_files[name])
+            extra_bytes = add_adapter(engines[name], dirs["base"], adapter, adapter_files[name])
+        weight_bytes[name] = graph_weight_bytes(engines[name] / "model.onnx")["read_bytes"] + extra_bytes
     log(f"decode {spec['name']}: engines built in " + ", ".join(f"{k} {v:.0f}s" for k, v in builds.items()))
     weight_bytes["transformers"] = sum(
         math.prod(s) * 4 for n, s in synth.shapes_of(config).items() if "embed_tokens" not in n

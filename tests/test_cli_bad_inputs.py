@@ -30,6 +30,7 @@ CASES = {
     "TensorRT-LLM max_lora_rank below an adapter's rank": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: bf16, device: cuda, options: {max_lora_rank: 4}}"], r"targets\.trt\.options\.max_lora_rank: 4 is below adapter numbers's rank 8"),
     "TensorRT-LLM bf16 with .npy prefetch": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: bf16, device: cuda, options: {lora_delivery: prefetch}}"], r"lora_delivery: prefetch reads \.npy files.*no bfloat16"),
     "DashInfer on an unsupported architecture": (["--set", "base_model=builtin:tiny-phi3", "--set", "adapters.0.lora.target_modules=[qkv_proj]", "--set", "targets.0={name: di, backend: dashinfer}"], r"targets\.di: DashInfer serves LlamaForCausalLM, Qwen2ForCausalLM through ftd, not Phi3ForCausalLM"),
+    "multi-LoRA target with the builder's adapter_path": (["--set", "targets.0={name: ml, mode: multi_lora, options: {extra_options: {adapter_path: /x}}}"], r"targets\.ml\.options\.extra_options: adapter_path bakes one adapter into the graph"),
     "unknown backend option": (["--set", "targets.0={name: trt, backend: tensorrt_llm, mode: multi_lora, precision: fp16, device: cuda, options: {max_rank: 8}}"], r"targets\.trt\.options: unknown key `max_rank`"),
 }  # fmt: skip
 

@@ -18,6 +18,7 @@ from tests.conftest import ROOT, run_ftd
 
 pytestmark = pytest.mark.e2e
 CONFIG = ROOT / "configs" / "multi-adapter.yaml"
+INT4_MARGIN = 0.15  # eval accuracy below fp32's that int4 may lose on the random tiny base (see the config)
 
 
 def _records(summary: dict, stage: str) -> dict[str, str]:
@@ -63,10 +64,10 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         assert m[f"{name}.onnx-multi-lora.agreement.merged_vs_engine"] >= 0.95
         assert m[f"{name}.onnx-multi-lora.max_logit_diff.merged_vs_engine"] < 1e-3
         assert m[f"{name}.eval_accuracy_after"] >= 0.9
-        # int4 stays within its stated margin of the fp32 engine's accuracy; so does the int4
-        # multi-LoRA bundle (int4 base graph, fp32 LoRA inputs), with the margin its config states.
-        assert m[f"{name}.onnx-int4.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - 0.1
-        assert m[f"{name}.onnx-multi-lora-int4.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - 0.15
+        # int4 stays within its stated margin (configs/multi-adapter.yaml) of the fp32 engine's
+        # accuracy, merged and multi-LoRA (int4 base graph, fp32 LoRA inputs) alike.
+        for int4 in ("onnx-int4", "onnx-multi-lora-int4"):
+            assert m[f"{name}.{int4}.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - INT4_MARGIN
     registered = {(r["kind"], r["item"]) for r in summary["registered"]}
     assert {("engine", "onnx-multi-lora"), ("engine", "onnx-multi-lora-int4")} <= registered
     assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered

@@ -87,6 +87,9 @@ class OnnxGenAI:
             )
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"targets.{target.name}: onnx_genai cannot build {architecture}")
+        if getattr(target, "mode", "merged") == "multi_lora" and "adapter_path" in (extra or {}):
+            raise ConfigError(f"{field}.extra_options: adapter_path bakes one adapter into the graph; a multi_lora "
+                              "target gets every adapter's LoRA branches from ftd (remove adapter_path)")  # fmt: skip
         if exporter == "optimum":
             if (target.precision, target.device) not in OPTIMUM_SUPPORTED:
                 raise ConfigError(
@@ -97,7 +100,7 @@ class OnnxGenAI:
             if getattr(target, "mode", "merged") != "merged":
                 raise ConfigError(
                     f"{field}.exporter: 'optimum' exports merged engines only; mode {target.mode!r} is built "
-                    "from the builder's LoRA graph (use exporter 'builder')"
+                    "on the builder's graph of the base model (use exporter 'builder')"
                 )
             if "config_only" in (extra or {}):
                 raise ConfigError(f"{field}.extra_options: config_only is set by the optimum exporter path itself")
@@ -118,7 +121,7 @@ class OnnxGenAI:
         if exporter_of(target) == "optimum":
             return self._build_optimum(merged_dir, target, out)
         log = BuildLog(out / "build.log")
-        command = _builder_command(merged_dir, out, target, _extra_options(target))
+        command = builder_command(merged_dir, out, target, extra_options(target))
         progress = BuilderProgress(f"build {target.name}", merged_dir)
         seconds = log.run(command, f"onnx_genai build of target {target.name}", on_line=progress,
                           in_process=builder_in_process(target))  # fmt: skip
@@ -142,8 +145,8 @@ class OnnxGenAI:
         export_seconds = log.run(export, f"optimum export of target {target.name}")
         progress.update(1, "graph exported; writing genai_config")
         graph = _single_onnx(export_dir, target)
-        extra = ["config_only=true", *_extra_options(target)]
-        config = _builder_command(merged_dir, config_dir, target, extra)
+        extra = ["config_only=true", *extra_options(target)]
+        config = builder_command(merged_dir, config_dir, target, extra)
         config_seconds = log.run(config, f"genai_config (builder config_only) of target {target.name}",
                                  in_process=builder_in_process(target))  # fmt: skip
         progress.update(2, "done")
@@ -262,7 +265,8 @@ def patch_genai_config(config_path: Path, graph_path: Path) -> dict:
 # ---------------------------------------------------------------- helpers
 
 
-def _extra_options(target: TargetConfig) -> list[str]:
+def extra_options(target: TargetConfig) -> list[str]:
+    """The target's `options.extra_options` as the builder's `k=v` arguments."""
     return [f"{k}={v}" for k, v in (target.options.get("extra_options") or {}).items()]
 
 
@@ -273,10 +277,11 @@ def builder_in_process(target: TargetConfig) -> bool:
     return target.device == "cpu"
 
 
-def _builder_command(merged_dir: Path, out: Path, target: TargetConfig, extra: list[str]) -> list[str]:
+def builder_command(model_dir: Path, out: Path, target: TargetConfig, extra: list[str]) -> list[str]:
+    """The og builder's documented command line for `target` (also the multi-LoRA base graph's)."""
     return [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(merged_dir), "-o", str(out), "-p", target.precision, "-e", target.device,
+        "-i", str(model_dir), "-o", str(out), "-p", target.precision, "-e", target.device,
         "-c", str(out / ".builder-cache"),
     ] + (["--extra_options", *extra] if extra else [])  # fmt: skip
 

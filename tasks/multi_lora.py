@@ -3,7 +3,7 @@
 1. `build_lora_graph`: the og model builder's graph of the base model, with a LoRA branch added
    after every projection that the adapters' union of target modules reaches (`tasks.lora_graph`:
    the weights are graph inputs with a symbolic rank). The graph depends only on the base model,
-   the module set and the precision, so adding an adapter never rebuilds it.
+   the module set, the precision and the builder options, so adding an adapter never rebuilds it.
 2. `export_onnx_adapter`: each adapter's tensors, named exactly as the graph's inputs (names are
    read from the graph, never guessed from HF names — Olive issue #2277), in the branches' layout
    with alpha/r (or alpha/sqrt(r)) folded into B, written with `onnxruntime.AdapterFormat`.

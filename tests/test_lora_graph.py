@@ -65,7 +65,8 @@ def test_engine_with_adapter_active_answers_like_peft(builtin: str, modules: lis
     config = json.loads((base / "config.json").read_text())
     specs = lora_graph.add_lora_branches(engine / "model.onnx", config, modules)
     adapter_config, pairs = read_adapter(adapter)
-    write_onnx_adapter(lora_graph.adapter_arrays(specs, adapter_config, pairs, "a"), tmp_path / "a.onnx_adapter")
+    arrays = lora_graph.adapter_arrays(specs, adapter_config, pairs, "a")
+    write_onnx_adapter(arrays, tmp_path / "a.onnx_adapter")
 
     after = _matmuls(engine / "model.onnx")
     assert [n for n in after if n.endswith(("qkv_proj/MatMul", "qkv_proj/MatMul_Q4"))], "q/k/v stay packed"
@@ -77,7 +78,7 @@ def test_engine_with_adapter_active_answers_like_peft(builtin: str, modules: lis
     got = engine_logits(engine, tmp_path / "a.onnx_adapter", prompt)
     assert np.abs(got - expected).max() < 1e-4
     # a zero adapter gives the base model back: the branches add nothing of their own
-    zeros = {name: np.zeros_like(a) for name, a in lora_graph.adapter_arrays(specs, adapter_config, pairs, "a").items()}
+    zeros = {name: np.zeros_like(a) for name, a in arrays.items()}
     write_onnx_adapter(zeros, tmp_path / "zero.onnx_adapter")
     with torch.no_grad(), peft_model.disable_adapter():
         base_logits = peft_model(torch.tensor([prompt])).logits[0, -1].numpy()

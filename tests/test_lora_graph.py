@@ -2,8 +2,8 @@
 
 The graph checks run the real builder on a builtin tiny base and compare the engine, adapter
 active, with peft's own forward pass of base + adapter; the layout checks build the arrays for
-hand-written graph inputs, so every case (block-diagonal q/k/v, mixed ranks, fused HF modules
-split or packed, untrained branches, modules the graph lacks) is pinned down exactly.
+hand-written graph inputs, so every case (chunked or block-diagonal q/k/v, mixed ranks, fused HF
+modules split or packed, untrained branches, modules the graph lacks) is pinned down exactly.
 """
 
 from __future__ import annotations
@@ -50,14 +50,17 @@ def engine_logits(engine: Path, adapter_file: Path, prompt: list[int]) -> np.nda
 @pytest.mark.parametrize(
     ("builtin", "modules"),
     [
-        ("tiny-llama", ["q_proj", "v_proj", "down_proj"]),  # k has no LoRA: a zero block in the packed branch
-        ("tiny-llama", LLAMA_TARGETS),
+        ("tiny-llama", ["q_proj", "v_proj", "down_proj"]),  # k has no LoRA: zeros in the packed branch
+        ("tiny-llama", LLAMA_TARGETS),  # GQA: q spans two chunks of the k/v width (a Gather)
+        ("tiny-llama-mha", LLAMA_TARGETS),  # q, k and v equally wide: no Gather
         ("tiny-phi3", PHI3_TARGETS),  # fused qkv_proj onto the packed MatMul; gate_up_proj split in two
     ],
 )
 def test_engine_with_adapter_active_answers_like_peft(builtin: str, modules: list[str], tmp_path: Path) -> None:
     base, engine, adapter = tmp_path / "base", tmp_path / "engine", tmp_path / "adapter"
-    build_tiny_model(builtin, base)
+    build_tiny_model(builtin.removesuffix("-mha"), base)
+    if builtin.endswith("-mha"):
+        _as_multi_head(base)
     og_build(base, engine)
     before = _matmuls(engine / "model.onnx")
     peft_model = random_peft(base, adapter, target_modules=modules, r=4, lora_alpha=8).eval()
@@ -72,6 +75,10 @@ def test_engine_with_adapter_active_answers_like_peft(builtin: str, modules: lis
     assert [n for n in after if n.endswith(("qkv_proj/MatMul", "qkv_proj/MatMul_Q4"))], "q/k/v stay packed"
     branched = {(s["layer"], s["module"]) for s in specs.values()}
     assert len(after) == len(before) + 2 * len(branched)
+    layouts = {s.get("layout", "blocks") for s in specs.values() if s["module"] == "qkv_proj" and s["ab"] == "B"}
+    assert layouts == {"blocks" if builtin == "tiny-phi3" else "chunks"}
+    gathers = [n.name for n in _nodes(engine / "model.onnx") if n.op_type == "Gather" and "/lora/" in n.name]
+    assert len(gathers) == (2 if builtin == "tiny-llama" else 0)  # one per layer where q spans 2 chunks
     prompt = [5, 17, 33, 8, 91, 42]
     with torch.no_grad():
         expected = peft_model(torch.tensor([prompt])).logits[0, -1].numpy()
@@ -83,6 +90,16 @@ def test_engine_with_adapter_active_answers_like_peft(builtin: str, modules: lis
     with torch.no_grad(), peft_model.disable_adapter():
         base_logits = peft_model(torch.tensor([prompt])).logits[0, -1].numpy()
     assert np.abs(engine_logits(engine, tmp_path / "zero.onnx_adapter", prompt) - base_logits).max() < 1e-4
+
+
+def _as_multi_head(base: Path) -> None:
+    """Rewrite a builtin's weights with as many k/v heads as q heads (same tokenizer and sizes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base, safe_serialization=True)
 
 
 def test_int4_graph_keeps_int4_base_and_fp32_branches(tmp_path: Path) -> None:
@@ -112,8 +129,9 @@ Q, KV, HIDDEN, INTER = 8, 4, 8, 12
 CONFIG = {"lora_alpha": 8}
 
 
-def _specs(packed: bool = True) -> dict[str, dict]:
-    """Graph inputs for one layer: packed q/k/v (or separate), o_proj, separate gate/up."""
+def _specs(packed: bool = True, chunks: bool = False) -> dict[str, dict]:
+    """Graph inputs for one layer: packed q/k/v (block-diagonal, or chunked; or separate), o_proj,
+    separate gate/up."""
     specs = {}
     groups = [("attn", "qkv_proj", HIDDEN, Q + 2 * KV)] if packed else [
         ("attn", "q_proj", HIDDEN, Q), ("attn", "k_proj", HIDDEN, KV), ("attn", "v_proj", HIDDEN, KV)]  # fmt: skip
@@ -125,6 +143,8 @@ def _specs(packed: bool = True) -> dict[str, dict]:
         common = {"layer": 0, "block": block, "module": module, "dtype": "float32"}
         specs[a] = {**common, "ab": "A", "features": k}
         specs[b] = {**common, "ab": "B", "features": n, "parts": parts}
+        if chunks and module == "qkv_proj":
+            specs[b] |= {"layout": "chunks", "chunk": KV}
     return specs
 
 
@@ -153,6 +173,26 @@ def test_packed_qkv_is_block_diagonal_with_each_projections_rank() -> None:
     for module in ("o_proj", "gate_proj", "up_proj"):  # untrained branches: rank-1 zeros
         a, b = lora_graph.input_names(0, "attn" if module == "o_proj" else "mlp", module)
         assert arrays[a].shape[1] == 1 and not arrays[a].any() and not arrays[b].any()
+
+
+def test_packed_qkv_chunks_hold_each_projections_rows_only() -> None:
+    """The chunked layout, applied as the graph does (x·A -> 3 groups -> each chunk's group · its B
+    block), gives each projection's own update; ranks 4 (q) and 2 (v) pad to 4, k untrained."""
+    pairs = dict([_pair("attn", "q_proj", 4, HIDDEN, Q, 1), _pair("attn", "v_proj", 2, HIDDEN, KV, 2)])
+    arrays = lora_graph.adapter_arrays(_specs(chunks=True), CONFIG, pairs, "a")
+    a, b = lora_graph.input_names(0, "attn", "qkv_proj")
+    chunks = (Q + 2 * KV) // KV
+    assert arrays[a].shape == (HIDDEN, 3 * 4) and arrays[b].shape == (chunks, 4, KV)  # no zero blocks
+    groups = arrays[a].reshape(HIDDEN, 3, 4)[:, [0] * (Q // KV) + [1, 2]]  # what Reshape + Gather compute
+    delta = np.einsum("igr,grw->igw", groups, arrays[b]).reshape(HIDDEN, -1)
+    q, v = pairs["model.layers.0.self_attn.q_proj"], pairs["model.layers.0.self_attn.v_proj"]
+    np.testing.assert_allclose(delta[:, :Q], (q.B @ q.A).T.numpy() * 8 / 4, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(delta[:, Q : Q + KV], 0)
+    np.testing.assert_allclose(delta[:, Q + KV :], (v.B @ v.A).T.numpy() * 8 / 2, rtol=1e-5, atol=1e-6)
+    untrained = lora_graph.adapter_arrays(
+        _specs(chunks=True), CONFIG, dict([_pair("attn", "o_proj", 2, Q, HIDDEN, 3)]), "b"
+    )
+    assert untrained[a].shape == (HIDDEN, 3) and untrained[b].shape == (chunks, 1, KV) and not untrained[b].any()
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -103,26 +103,27 @@ def decode_hf(args: dict) -> dict:
     return {"tokens_per_s": rate, "tokens": tokens, "threads": torch.get_num_threads()}
 
 
-def decode_og(args: dict) -> dict:
+def _og_generate(model_dir: str, adapter_file: str | None, prompt: list[int]):
+    """A function that greedily generates n tokens with one og engine (its adapter active, if
+    given) and returns each new token's timestamp and the tokens."""
     import numpy as np
     import onnxruntime_genai as og
 
-    config = og.Config(args["model"])  # genai_config.json's session_options set the threads (see run.py)
-    model = og.Model(config)
+    model = og.Model(og.Config(model_dir))  # genai_config.json's session_options set the threads (see run.py)
     adapters = None
-    if args.get("adapter_file"):
+    if adapter_file:
         adapters = og.Adapters(model)
-        adapters.load(args["adapter_file"], "bench")
-    prompt = np.asarray([args["prompt"]], dtype=np.int32)
+        adapters.load(adapter_file, "bench")
+    ids = np.asarray([prompt], dtype=np.int32)
 
     def once(n: int) -> tuple[list[float], list[int]]:
         params = og.GeneratorParams(model)
-        total = prompt.shape[1] + n
+        total = ids.shape[1] + n
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         generator = og.Generator(model, params)
         if adapters is not None:
             generator.set_active_adapter(adapters, "bench")
-        generator.append_tokens(prompt)
+        generator.append_tokens(ids)
         stamps, tokens = [], []
         while len(tokens) < n and not generator.is_done():
             generator.generate_next_token()
@@ -130,11 +131,40 @@ def decode_og(args: dict) -> dict:
             tokens.append(int(generator.get_next_tokens()[0]))
         return stamps, tokens
 
+    return once
+
+
+def decode_og(args: dict) -> dict:
+    once = _og_generate(args["model"], args.get("adapter_file"), args["prompt"])
     rate, tokens = _median_rate(once, args)
     return {"tokens_per_s": rate, "tokens": tokens}
 
 
-JOBS = {"merge-ours": merge_ours, "merge-peft": merge_peft, "decode-hf": decode_hf, "decode-og": decode_og}
+def decode_og_pair(args: dict) -> dict:
+    """A multi-LoRA engine (adapter active) and the merged engine it is compared with, in one
+    process, generations alternating (merged, multi; multi, merged; ...): each pass's ratio
+    compares two generations a fraction of a second apart, so a slow phase of a shared machine
+    hits both. Returns the median ratio of time per token (multi over merged) and each's rate."""
+    import statistics
+
+    engines = {"merged": _og_generate(args["model"], None, args["prompt"]),
+               "multi": _og_generate(args["multi_model"], args["adapter_file"], args["prompt"])}  # fmt: skip
+    for once in engines.values():
+        once(8)  # warm-up
+    rates: dict[str, list[float]] = {"merged": [], "multi": []}
+    tokens: dict[str, list[int]] = {}
+    for i in range(args["passes"]):
+        for name in ("merged", "multi") if i % 2 == 0 else ("multi", "merged"):
+            stamps, tokens[name] = engines[name](args["new_tokens"])
+            rates[name].append(_steady_rate(stamps))
+    ratios = [merged / multi for merged, multi in zip(rates["merged"], rates["multi"], strict=True)]
+    return {"ms_per_token_ratio": statistics.median(ratios), "ratios": ratios,
+            "merged_tokens_per_s": statistics.median(rates["merged"]),
+            "multi_tokens_per_s": statistics.median(rates["multi"]), "tokens": tokens}  # fmt: skip
+
+
+JOBS = {"merge-ours": merge_ours, "merge-peft": merge_peft, "decode-hf": decode_hf, "decode-og": decode_og,
+        "decode-og-pair": decode_og_pair}  # fmt: skip
 
 if __name__ == "__main__":
     job, args_json, result_json = sys.argv[1:4]

@@ -58,6 +58,7 @@ FULL = {
             "engines": list(ENGINE_NAMES),
             "new_tokens": 128,
             "passes": 3,  # per process: the median of 3 generations (each ~0.3 s)
+            "pair_passes": 6,  # multi-LoRA beside merged: 6 generations each, alternating
             "repeats": 3,
         },
         # int4 weights (~430 MB) beyond the L3: the DRAM bandwidth bound binds
@@ -71,6 +72,7 @@ FULL = {
             "engines": ["int4", "multi-lora-int4"],
             "new_tokens": 32,
             "passes": 1,
+            "pair_passes": 4,
             "repeats": 3,
         },
     ],  # fmt: skip
@@ -91,6 +93,7 @@ QUICK = {
             "heads": 4,
             "engines": list(ENGINE_NAMES),
             "new_tokens": 32,
+            "pair_passes": 2,
             "repeats": 2,
         },
         {
@@ -102,6 +105,7 @@ QUICK = {
             "heads": 4,
             "engines": ["int4", "multi-lora-int4"],
             "new_tokens": 16,
+            "pair_passes": 2,
             "repeats": 2,
         },
     ],  # fmt: skip
@@ -317,7 +321,10 @@ def scaling_checkpoint(work: Path, layers: int, repeats: int, shard_bytes: int, 
     }
 
 
-def bench_scaling(work: Path, plan: dict, ram_bytes: int, deadline: float, log, skip_large: bool) -> tuple[list, list]:
+def bench_scaling(work: Path, plan: dict, ram_bytes: int, log, skip_large: bool) -> tuple[list, list]:
+    """Peak RSS of the streaming merge at ~3.5 GB and just above half of RAM (where peft cannot
+    load the model). The large point always runs (twice: it is the figure that shows RSS stays
+    flat); only a lack of disk space or `--skip-large` skips it, and the report says which."""
     results, skipped = [], []
     if not plan["scaling"]:
         return results, ["scaling checkpoints (~3.5 GB and > ½ RAM): skipped by --quick"]
@@ -326,8 +333,7 @@ def bench_scaling(work: Path, plan: dict, ram_bytes: int, deadline: float, log, 
     embeds = 2 * d["vocab"] * d["hidden"] * 4
     per_layer -= embeds
     large_layers = math.ceil((0.52 * ram_bytes - embeds) / per_layer)
-    large_bytes = embeds + large_layers * per_layer
-    for layers in (MEDIUM_LAYERS, large_layers):
+    for layers, repeats in ((MEDIUM_LAYERS, 3), (large_layers, 2)):
         size = embeds + layers * per_layer
         if layers == large_layers and skip_large:
             skipped.append(f"{size / GB:.1f} GB checkpoint (> ½ RAM): --skip-large")
@@ -338,19 +344,6 @@ def bench_scaling(work: Path, plan: dict, ram_bytes: int, deadline: float, log, 
                 f"{size / GB:.1f} GB checkpoint: {free_bytes(work) / GB:.0f} GB free on {work}, needs {need / GB:.0f} GB"
             )
             continue
-        repeats = 3
-        if results and layers == large_layers:
-            # projected time from the medium run: writing plus `repeats` merges, scaled by size
-            medium = results[-1]
-            per_byte = (medium["write_seconds"] + medium["seconds"]["median"] * 3) / medium["checkpoint_bytes"]
-            remaining = deadline - time.time()
-            while repeats > 1 and per_byte * large_bytes * (1 + repeats) / 4 * 1.3 > remaining:
-                repeats -= 1
-            if per_byte * large_bytes / 2 * 1.3 > remaining:
-                skipped.append(
-                    f"{size / GB:.1f} GB checkpoint: projected {per_byte * large_bytes / 2:.0f}s exceeds the time left"
-                )
-                continue
         results.append(scaling_checkpoint(work, layers, repeats, FULL["shard_bytes"], log))
     return results, skipped
 
@@ -465,18 +458,32 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
     common = {"prompt": prompt, "new_tokens": spec["new_tokens"], "passes": spec.get("passes", 1), "threads": threads}
     jobs = {"transformers": ("decode-hf", {"model": str(dirs["merged"]), **common})}
     for name in spec["engines"]:
-        jobs[name] = ("decode-og", {"model": str(engines[name]), **common}
-                      | ({"adapter_file": str(adapter_files[name])} if name in adapter_files else {}))  # fmt: skip
+        if name in MULTI_LORA:  # beside its merged engine in one process, generations alternating
+            merged = MULTI_LORA[name]
+            if merged not in spec["engines"]:
+                raise ValueError(f"decode plan {spec['name']}: {name} needs {merged} beside it")
+            jobs[name] = ("decode-og-pair", {"model": str(engines[merged]), "multi_model": str(engines[name]),
+                                             "adapter_file": str(adapter_files[name]), **common,
+                                             "passes": spec["pair_passes"]})  # fmt: skip
+        else:
+            jobs[name] = ("decode-og", {"model": str(engines[name]), **common})
     runs: dict[str, list] = {name: [] for name in jobs}
+    pair_ratios: dict[str, list] = {name: [] for name in jobs if name in MULTI_LORA}
     tokens: dict[str, list] = {}
     names = list(jobs)
     for round_ in range(spec["repeats"]):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # rotate the order per round
             job, args = jobs[name]
             result, _ = run_child(job, args, work, threads)
-            runs[name].append(result["tokens_per_s"])
-            tokens[name] = result["tokens"]
-        log(f"decode {spec['name']} round {round_ + 1}: " + ", ".join(f"{n} {runs[n][-1]:.1f} tok/s" for n in names))
+            if name in pair_ratios:
+                runs[name].append(result["multi_tokens_per_s"])
+                pair_ratios[name].append(result["ms_per_token_ratio"])
+                tokens[name] = result["tokens"]["multi"]
+            else:
+                runs[name].append(result["tokens_per_s"])
+                tokens[name] = result["tokens"]
+        log(f"decode {spec['name']} round {round_ + 1}: " + ", ".join(f"{n} {runs[n][-1]:.1f} tok/s" for n in names)
+            + "".join(f"; {n} / {MULTI_LORA[n]} {pair_ratios[n][-1]:.3f}× time/token" for n in pair_ratios))  # fmt: skip
 
     bw = bandwidth["gb_per_s"] * GB
     engines_out = {}
@@ -497,8 +504,8 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
         return sum(x == y for x, y in zip(tokens[a], tokens[b], strict=False)) / max(1, len(tokens[a]))
 
     ratio = {f"{n}_over_transformers_tokens_per_s": per_round(n, "transformers") for n in ("fp32", "int4") if n in runs}
-    # time per token of multi-LoRA over merged = merged tokens/s over multi-LoRA tokens/s
-    ratio |= {f"{m}_over_{b}_ms_per_token": per_round(b, m) for m, b in MULTI_LORA.items() if m in runs and b in runs}
+    # time per token of multi-LoRA over merged, per process: the median of its alternating passes
+    ratio |= {f"{m}_over_{MULTI_LORA[m]}_ms_per_token": stats(v) for m, v in pair_ratios.items()}
     agree = {"og fp32 vs transformers": ("fp32", "transformers"), "multi-lora vs merged fp32": ("multi-lora", "fp32"),
              "multi-lora int4 vs merged int4": ("multi-lora-int4", "int4")}  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
@@ -513,6 +520,7 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
         },  # fmt: skip
         "repeats": spec["repeats"],
         "passes": spec.get("passes", 1),
+        "pair_passes": spec.get("pair_passes"),
         "build_seconds": builds,
         "engines": engines_out,
         "ratio": ratio,
@@ -593,7 +601,8 @@ def decode_markdown(d: dict, results: dict, met) -> list[str]:
         key = f"{multi}_over_{merged}_ms_per_token"
         if key in r:
             lines.append(
-                f"| decode ms/token, {what}, adapter active | og {multi} {fmt(e[multi]['ms_per_token'], 2)} | og {merged} "
+                f"| decode ms/token, {what}, adapter active; ratio: both engines in one process, "
+                f"{d['pair_passes']} generations each, alternating | og {multi} {fmt(e[multi]['ms_per_token'], 2)} | og {merged} "
                 f"{fmt(e[merged]['ms_per_token'], 2)} | {fmt(r[key], 3)} | ≤ 1.10 | "
                 f"{met(f'{multi} time/token ≤ 1.10× merged {merged} ({size})')} |"
             )
@@ -699,13 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()), help="scratch space (default /tmp)"
     )
     parser.add_argument("--threads", type=int, default=1, help="decode threads for every engine (default 1)")
-    parser.add_argument("--budget-s", type=float, default=1200, help="soft time budget for the whole run")
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads}
     started = time.time()
-    # Merge runs first; keep ~5 min for decode and ~12.5 min for the pipeline part (the checkpoint
-    # above half of RAM gets fewer repeats, or none, when the budget is short).
-    deadline = started + args.budget_s - 300 - (750 if args.only in (None, "pipeline") and not args.quick else 0)
 
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
@@ -724,9 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"read bandwidth {results['bandwidth']['gb_per_s']:.1f} GB/s ({results['bandwidth']['method']})")
         if args.only in (None, "merge"):
             results["merge"] = bench_merge(work, plan, log)
-            scaling, skipped = bench_scaling(
-                work, plan, results["machine"]["ram_bytes"], deadline, log, args.skip_large
-            )
+            scaling, skipped = bench_scaling(work, plan, results["machine"]["ram_bytes"], log, args.skip_large)
             results["scaling"], results["skipped"] = scaling, results["skipped"] + skipped
         if args.only in (None, "decode"):
             results["decode"] = [bench_decode(work, spec, plan["threads"], results["bandwidth"], log)

@@ -424,8 +424,10 @@ ENGINE_SPECS = {
 MULTI_LORA = {"multi-lora": "fp32", "multi-lora-int4": "int4"}  # each against the merged engine of its precision
 
 
-def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> dict:
-    """Batch-1 greedy decode of `spec["engines"]` and transformers `generate` on one random Llama."""
+def bench_decode(work: Path, spec: dict, threads: int, bandwidth_bytes: int, log) -> dict:
+    """Batch-1 greedy decode of `spec["engines"]` and transformers `generate` on one random Llama.
+    The read bandwidth is measured again before every round, and each run's fraction of the bound
+    uses its own round's: this shared host's speed moves within a run."""
     import random
 
     from ftd.config import MergeSettings
@@ -471,7 +473,9 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
     pair_ratios: dict[str, list] = {name: [] for name in jobs if name in MULTI_LORA}
     tokens: dict[str, list] = {}
     names = list(jobs)
+    bandwidths: list[dict] = []
     for round_ in range(spec["repeats"]):
+        bandwidths.append(read_bandwidth(bandwidth_bytes, threads, repeats=3))
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # rotate the order per round
             job, args = jobs[name]
             result, _ = run_child(job, args, work, threads)
@@ -482,19 +486,19 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
             else:
                 runs[name].append(result["tokens_per_s"])
                 tokens[name] = result["tokens"]
-        log(f"decode {spec['name']} round {round_ + 1}: " + ", ".join(f"{n} {runs[n][-1]:.1f} tok/s" for n in names)
+        log(f"decode {spec['name']} round {round_ + 1} (read bandwidth {bandwidths[-1]['gb_per_s']:.1f} GB/s): "
+            + ", ".join(f"{n} {runs[n][-1]:.1f} tok/s" for n in names)
             + "".join(f"; {n} / {MULTI_LORA[n]} {pair_ratios[n][-1]:.3f}× time/token" for n in pair_ratios))  # fmt: skip
 
-    bw = bandwidth["gb_per_s"] * GB
+    bw = [b["gb_per_s"] * GB for b in bandwidths]
     engines_out = {}
     for name in names:
-        bound = bw / weight_bytes[name]
         engines_out[name] = {
             "tokens_per_s": stats(runs[name]),
             "ms_per_token": stats([1000 / r for r in runs[name]]),
             "weight_bytes_per_token": weight_bytes[name],
-            "bound_tokens_per_s": bound,
-            "fraction_of_bound": stats([r / bound for r in runs[name]]),
+            "bound_tokens_per_s": stats(bw)["median"] / weight_bytes[name],
+            "fraction_of_bound": stats([r * weight_bytes[name] / b for r, b in zip(runs[name], bw, strict=True)]),
         }
 
     def per_round(a: str, b: str) -> dict:
@@ -522,6 +526,8 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth: dict, log) -> 
         "passes": spec.get("passes", 1),
         "pair_passes": spec.get("pair_passes"),
         "build_seconds": builds,
+        "bandwidth_gb_per_s": stats([b["gb_per_s"] for b in bandwidths]),
+        "bandwidth_method": bandwidths[0]["method"],
         "engines": engines_out,
         "ratio": ratio,
         "greedy_token_agreement": {k: agreement(a, b) for k, (a, b) in agree.items() if a in tokens and b in tokens},
@@ -611,9 +617,9 @@ def decode_markdown(d: dict, results: dict, met) -> list[str]:
     l3 = m.get("l3_cache_bytes") or 0
     lines += [
         "",
-        f"Decode ({size}) against the memory-bandwidth bound (read bandwidth "
-        f"{bw['gb_per_s']:.1f} GB/s: {bw['method']} over a {bw['array_bytes'] / 2**30:.2f} GiB array, the fastest "
-        f"of: {' | '.join(bw['by_method'])}; the "
+        f"Decode ({size}) against the memory-bandwidth bound (read bandwidth measured before each round, "
+        f"{fmt(d['bandwidth_gb_per_s'], 1)} GB/s: {d['bandwidth_method']} over a {bw['array_bytes'] / 2**30:.2f} GiB "
+        f"array, the fastest of: {' | '.join(bw['by_method'])}; each run's fraction uses its round's; the "
         f"engines run {d['threads']} thread(s)). The bound assumes every weight byte comes from DRAM; "
         f"weights smaller than the {_mib(l3 or None)} L3 (marked *in L3*) are largely served "
         "from cache, so their fraction can exceed 1 and the bound does not bind:",
@@ -732,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             scaling, skipped = bench_scaling(work, plan, results["machine"]["ram_bytes"], log, args.skip_large)
             results["scaling"], results["skipped"] = scaling, results["skipped"] + skipped
         if args.only in (None, "decode"):
-            results["decode"] = [bench_decode(work, spec, plan["threads"], results["bandwidth"], log)
+            results["decode"] = [bench_decode(work, spec, plan["threads"], plan["bandwidth_bytes"], log)
                                  for spec in plan["decode"]]  # fmt: skip
         if args.only in (None, "pipeline"):
             results["pipeline"] = bench_pipeline(work, args.quick, log)

@@ -491,13 +491,14 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth_bytes: int, log
             + "".join(f"; {n} / {MULTI_LORA[n]} {pair_ratios[n][-1]:.3f}× time/token" for n in pair_ratios))  # fmt: skip
 
     bw = [b["gb_per_s"] * GB for b in bandwidths]
+    bw_median = stats(bw)["median"]
     engines_out = {}
     for name in names:
         engines_out[name] = {
             "tokens_per_s": stats(runs[name]),
             "ms_per_token": stats([1000 / r for r in runs[name]]),
             "weight_bytes_per_token": weight_bytes[name],
-            "bound_tokens_per_s": stats(bw)["median"] / weight_bytes[name],
+            "bound_tokens_per_s": bw_median / weight_bytes[name],
             "fraction_of_bound": stats([r * weight_bytes[name] / b for r, b in zip(runs[name], bw, strict=True)]),
         }
 

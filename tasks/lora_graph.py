@@ -45,7 +45,7 @@ BASE_MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?
 # HF modules that hold several graph projections, in the order of B's rows (Phi-3: qkv_proj = [q; k; v]).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PACKED_QKV = "qkv_proj"  # the builder's packed q/k/v MatMul; its output columns are [q | k | v]
-QKV = ("q_proj", "k_proj", "v_proj")
+QKV = FUSED[PACKED_QKV]  # the packed MatMul's projections, in output-column order
 
 
 def input_names(layer: int, block: str, module: str) -> tuple[str, str]:

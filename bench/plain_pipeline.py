@@ -34,8 +34,23 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
     import yaml
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    class StepTimes(TrainerCallback):
+        """Each step's wall time, end to end, as ftd's SFT task records it (the one addition to
+        a hand-written script: a clock read per step), so the two runs pair step by step."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
 
     phases = {"imports": time.perf_counter() - STARTED}
     cfg = yaml.safe_load(Path(config_path).read_text())
@@ -70,8 +85,9 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
     peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                              target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")  # fmt: skip
     set_seed(sft["seed"])  # before peft draws the LoRA A matrices
+    steps = StepTimes()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                         processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[steps])  # fmt: skip
     phases["sft_setup"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.train()
@@ -82,7 +98,8 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
     del trainer, model
     phases["sft_save"] = time.perf_counter() - t
     if variant != "identical":
-        Path(result_path).write_text(json.dumps({"phases": phases, "tokens_seen": tokens, "variant": variant}))
+        Path(result_path).write_text(json.dumps({"phases": phases, "tokens_seen": tokens, "variant": variant,
+                                                 "step_seconds": steps.seconds}))  # fmt: skip
         return
 
     t = time.perf_counter()
@@ -154,7 +171,7 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
         checks[f"max_logit_diff.{a}_vs_{b}"] = logit_diff(a, b)
     phases["smoke"] = time.perf_counter() - t
     result = {"phases": phases, "total_seconds": time.perf_counter() - STARTED, "tokens_seen": tokens,
-              "checks": checks, "adapter_dir": str(out / "adapter")}  # fmt: skip
+              "checks": checks, "adapter_dir": str(out / "adapter"), "step_seconds": steps.seconds}  # fmt: skip
     Path(result_path).write_text(json.dumps(result, indent=2))
 
 

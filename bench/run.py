@@ -42,7 +42,8 @@ GB = 1e9
 
 ENGINE_NAMES = ("fp32", "int4", "multi-lora", "multi-lora-int4")
 FULL = {
-    "merge": {"hidden": 2048, "intermediate": 5632, "layers": 8, "vocab": 32000, "heads": 16},
+    # 1.35 GB fp32 in 3 shards: above the 1 GB the targets name; each peft run loads all of it
+    "merge": {"hidden": 2048, "intermediate": 5632, "layers": 4, "vocab": 32000, "heads": 16},
     "shard_bytes": 500 * 2**20,
     "merge_repeats": 3,
     "scaling": True,
@@ -56,8 +57,8 @@ FULL = {
             "vocab": 32000,
             "heads": 8,
             "engines": list(ENGINE_NAMES),
-            "new_tokens": 128,
-            "passes": 3,  # per process: the median of 3 generations (each ~0.3 s)
+            "new_tokens": 64,
+            "passes": 3,  # per process: the median of 3 generations (each 0.15-1.2 s)
             "pair_passes": 6,  # multi-LoRA beside merged: 6 generations each, alternating
             "repeats": 3,
         },
@@ -652,7 +653,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"Date: {results['date']} · mode: {results['mode']} · command: `{results['command']}` · "
-        f"total {results['seconds']:.0f}s",
+        f"total {results['seconds']:.0f}s ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in results.get("section_seconds", {}).items())
+        + " s)",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, L3 {_mib(m.get('l3_cache_bytes'))} · load average (1/5/15 min) at start "
         f"{'/'.join(f'{x:.2f}' for x in results['load_average']['start'])}, at end "
         f"{'/'.join(f'{x:.2f}' for x in results['load_average']['end'])} (other jobs shared the machine)",
@@ -734,15 +737,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results["bandwidth"] = read_bandwidth(plan["bandwidth_bytes"], plan["threads"])
         log(f"read bandwidth {results['bandwidth']['gb_per_s']:.1f} GB/s ({results['bandwidth']['method']})")
+        sections = results["section_seconds"] = {}
+
+        def timed(section: str, fn, *fn_args):
+            section_started = time.perf_counter()
+            try:
+                return fn(*fn_args)
+            finally:
+                sections[section] = round(time.perf_counter() - section_started, 1)
+
         if args.only in (None, "merge"):
-            results["merge"] = bench_merge(work, plan, log)
-            scaling, skipped = bench_scaling(work, plan, results["machine"]["ram_bytes"], log, args.skip_large)
+            results["merge"] = timed("merge", bench_merge, work, plan, log)
+            scaling, skipped = timed("merge scaling", bench_scaling, work, plan, results["machine"]["ram_bytes"],
+                                     log, args.skip_large)  # fmt: skip
             results["scaling"], results["skipped"] = scaling, results["skipped"] + skipped
         if args.only in (None, "decode"):
-            results["decode"] = [bench_decode(work, spec, plan["threads"], plan["bandwidth_bytes"], log)
-                                 for spec in plan["decode"]]  # fmt: skip
+            results["decode"] = [timed(f"decode {spec['name']}", bench_decode, work, spec, plan["threads"],
+                                       plan["bandwidth_bytes"], log) for spec in plan["decode"]]  # fmt: skip
         if args.only in (None, "pipeline"):
-            results["pipeline"] = bench_pipeline(work, args.quick, log)
+            results["pipeline"] = timed("pipeline", bench_pipeline, work, args.quick, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average"]["end"] = list(os.getloadavg())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from tasks.modeling import load_model, load_tokenizer, resolve_dtype
 STAGE = "adapter"
 BASE_RECORD = "ftd-base.json"
 LOSS_CURVE = "loss_curve.png"
+STEP_SECONDS = "step_seconds.json"  # beside the adapter: each training step's wall time, in order
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 log = logging.getLogger("ftd.sft")
 # transformers' Trainer and accelerate keep process-global state (AcceleratorState): two trainers
@@ -120,13 +122,19 @@ def _train(
     train_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in load_split(data, store, "train")]
 
     class LogToLogger(TrainerCallback):
-        """Loss lines in the log; step progress in the terminal and as a Prefect progress artifact."""
+        """Loss lines in the log; step progress in the terminal and as a Prefect progress artifact;
+        each step's wall time (end to end: data, forward, backward, optimizer, callbacks)."""
 
         progress = None
         loss = None
+        last_step_end = None
+
+        def __init__(self):
+            self.step_seconds: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(f"sft {adapter.name}", state.max_steps)
+            self.last_step_end = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -134,6 +142,9 @@ def _train(
                 log.info("sft %s step %d/%d loss %.4f", adapter.name, state.global_step, state.max_steps, logs["loss"])
 
         def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step_seconds.append(now - self.last_step_end)
+            self.last_step_end = now
             if self.progress is not None:
                 self.progress.update(state.global_step, "" if self.loss is None else f"loss {self.loss:.4f}")
 
@@ -178,13 +189,14 @@ def _train(
     # The trainer seeds only when it is built, after peft has drawn the LoRA A matrices: without this
     # their initial values (and so the adapter) would depend on whatever ran before in the process.
     set_seed(settings.seed)
+    steps = LogToLogger()
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[LogToLogger()],
+        callbacks=[steps],
     )
     resume = last_complete_checkpoint(checkpoints) if settings.save_steps else None
     if resume is not None:
@@ -196,6 +208,9 @@ def _train(
     if not trainer.is_world_process_zero():
         return None  # data-parallel training: rank 0 writes the adapter
     trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
+    # Per-step times, in step order: the benchmark pairs them with a plain TRL run's (the same
+    # batches, step for step), which a shared machine's slow spells disturb far less than totals.
+    (out / STEP_SECONDS).write_text(json.dumps([round(s, 6) for s in steps.step_seconds]))
     tokenizer.save_pretrained(out / "adapter")
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
@@ -210,6 +225,7 @@ def _train(
         "loss_curve": losses,
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+        "median_step_seconds": round(statistics.median(steps.step_seconds), 6) if steps.step_seconds else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "lora": lora.model_dump(),
         "scale": lora.scale,

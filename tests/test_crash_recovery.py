@@ -68,6 +68,8 @@ def test_kill_during_sft_then_during_build(tmp_path: Path) -> None:
     [adapter] = artifacts_of(artifacts, "adapter")
     meta = json.loads((adapter / "ftd-manifest.json").read_text())["meta"]
     assert meta["resumed_from_step"] >= 300 and meta["steps"] == 600
+    step_seconds = json.loads((adapter / "step_seconds.json").read_text())  # the steps this run trained
+    assert len(step_seconds) == 600 - meta["resumed_from_step"] and min(step_seconds) > 0
     assert not list(checkpoints.glob("*")), "checkpoints are removed once the adapter is complete"
 
     # 3. The next run completes, reusing the adapter and the merge.

@@ -5,6 +5,7 @@ ran before it in the process."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_two_process_sft_trains_one_adapter(tmp_path: Path) -> None:
     from ftd.store import Store
     from tasks.base_model import parse_base, resolve_base
     from tasks.data import prepare_data
-    from tasks.sft import adapter_dir, train_adapter
+    from tasks.sft import STEP_SECONDS, adapter_dir, train_adapter
 
     cfg = load_config(DEFAULT_CONFIG, [f"artifacts_dir={tmp_path}", "adapters.0.sft.max_steps=4",
                                        "adapters.0.sft.num_processes=2", "adapters.0.sft.logging_steps=1"])  # fmt: skip
@@ -151,6 +152,9 @@ def test_two_process_sft_trains_one_adapter(tmp_path: Path) -> None:
     adapter = train_adapter(base, data, cfg.adapters[0], store)
     assert adapter.meta["num_processes"] == 2 and adapter.meta["steps"] == 4
     assert adapter.meta["world_size"] == 2  # one DDP group, not two independent runs
+    step_seconds = json.loads((adapter.path(store) / STEP_SECONDS).read_text())  # rank 0's clock, step by step
+    assert len(step_seconds) == 4
+    assert adapter.meta["median_step_seconds"] == pytest.approx(statistics.median(step_seconds), abs=1e-5)
     weights = load_file(adapter_dir(adapter, store) / "adapter_model.safetensors")
     assert len(weights) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
     assert not list((tmp_path / "store" / "adapter").glob("*/distributed-job.json"))

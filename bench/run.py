@@ -73,7 +73,7 @@ FULL = {
             "engines": ["int4", "multi-lora-int4"],
             "new_tokens": 32,
             "passes": 1,
-            "pair_passes": 4,
+            "pair_passes": 6,
             "repeats": 3,
         },
     ],  # fmt: skip

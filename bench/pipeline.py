@@ -14,8 +14,8 @@ phases of a shared machine hit both sides; each ratio is taken per round, then t
 3. incremental: adapters 2, 3 and 4 added one by one to the round's cold experiment, each vs a
    cold run of the experiment it produces (2 and 4 adapters; 3 is not run cold);
 4. SFT tokens/s: ours vs the plain script, over the whole training and step for step (the
-   median of the per-step ratios: the same batches, so the pairs are like for like); and ftd's default settings vs TRL's defaults (and
-   packing) with plain TRL, fewer steps;
+   median of the per-step ratios: the same batches, so the pairs are like for like); and ftd's
+   default settings vs TRL's defaults (and packing) with plain TRL, fewer steps;
 5. scaling: cold time with 1, 2 and 4 adapters, and with 500, 1000, 2000 training rows (1 epoch).
 """
 
@@ -122,11 +122,11 @@ class Bench:
         seconds = timed(command, self.work / f"{label}-{self.count}.log")
         result = json.loads(summary.read_text())
         stages = {f"{s['stage']}:{s['label']}": s for s in result["stages"]}
+        trained = [
+            _manifest(artifacts, s) for s in result["stages"] if s["stage"] == "adapter" and s["status"] == "built"
+        ]
         train = [
-            _manifest(artifacts, s)["meta"]
-            | {"step_seconds": json.loads((Path(_manifest(artifacts, s)["path"]) / STEP_SECONDS).read_text())}
-            for s in result["stages"]
-            if s["stage"] == "adapter" and s["status"] == "built"
+            m["meta"] | {"step_seconds": json.loads((Path(m["path"]) / STEP_SECONDS).read_text())} for m in trained
         ]
         self.log(
             f"  ftd {label}: {seconds:.1f} s ({sum(s['status'] == 'built' for s in stages.values())} stages built)"

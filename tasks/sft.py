@@ -125,12 +125,11 @@ def _train(
         """Loss lines in the log; step progress in the terminal and as a Prefect progress artifact;
         each step's wall time (end to end: data, forward, backward, optimizer, callbacks)."""
 
-        progress = None
-        loss = None
-        last_step_end = None
-
         def __init__(self):
+            self.progress: Progress | None = None
+            self.loss: float | None = None
             self.step_seconds: list[float] = []
+            self.last_step_end = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(f"sft {adapter.name}", state.max_steps)

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from ftd import termination
 from ftd.config import ExperimentConfig, TargetConfig, load_config
 from ftd.errors import GateFailed
 from ftd.orchestration import StageLog, StageRecord
@@ -94,7 +95,7 @@ def finetune_to_deploy(
     store = Store(cfg.artifacts_dir)
     stages = StageLog()
     logger = get_run_logger()
-    with Tracker(cfg, parent_run_id) as tracker:
+    with termination.watch(), Tracker(cfg, parent_run_id) as tracker:
         tracker.set_tag("prefect.flow_run_id", flow_run.get_id())
         tracker.set_tag("ftd.config_hash", digest(cfg))
         for tag, value in (run_tags or {}).items():
@@ -113,6 +114,7 @@ def finetune_to_deploy(
                 engines += _multi_lora_target(cfg, target, base, adapters, store, stages)
             else:
                 engines += [_merged_target(cfg, target, a, store, stages) for a in adapters]
+        termination.check()  # nothing is registered by a run told to stop
         with tracker.registration():
             registered = _log_and_register(cfg, tracker, store, base, adapters, engines)
         report = _report(cfg, store, tracker, stages, adapters, engines, registered)
@@ -132,6 +134,7 @@ def finetune_to_deploy(
             "registered": registered,
             "metrics": _metrics(adapters, engines),
         }
+        termination.check()  # a run told to stop is never recorded as passing
         if not any(e.skipped for e in engines):  # what was skipped here must be tried again
             record_run(cfg, tracker.uri, summary)
         return summary

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.states import Completed
 
+from ftd import termination
 from ftd.store import Artifact, Store
 
 
@@ -77,9 +78,11 @@ class StageLog:
     records: list[StageRecord] = field(default_factory=list)
 
     def run(self, prefect_task, label: str, **kwargs: Any) -> Artifact:
+        termination.check()  # between stages: a stop request is honoured before the next one starts
         started = time.perf_counter()
         state = prefect_task(return_state=True, **kwargs)
         artifact: Artifact = state.result()  # re-raises the task's exception on failure
+        termination.check()
         seconds = time.perf_counter() - started
         if artifact.meta.get("skipped"):
             status, detail = "skipped", artifact.meta.get("reason", "")

@@ -131,8 +131,13 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        status = "FINISHED" if exc_type is None else "FAILED"
-        if exc is not None:
+        from prefect.exceptions import TerminationSignal
+
+        stopped = isinstance(exc, (TerminationSignal, KeyboardInterrupt))
+        status = "FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED"
+        if stopped:
+            self.set_tag("ftd.error", f"stopped by {'SIGTERM' if isinstance(exc, TerminationSignal) else 'SIGINT'}")
+        elif exc is not None:
             self.set_tag("ftd.error", str(exc)[:5000])
         with_retries(lambda: self.client.set_terminated(self.run_id, status=status), "end run")
 

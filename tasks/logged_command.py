@@ -55,11 +55,24 @@ def _run_subprocess(command: list[str], on_line) -> tuple[int, list[str]]:
     lines: list[str] = []
     # Universal newlines: tqdm's carriage-return updates arrive as lines too.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+        except BaseException:  # a stop request (or an error here): the tool must not outlive the run,
+            _stop(proc)  # and Popen's exit would otherwise wait for it to finish
+            raise
     return proc.returncode, lines
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM first, so a launcher (torchrun) can stop its workers; SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 class _LineSplitter:

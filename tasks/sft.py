@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from ftd import termination
 from ftd.config import AdapterConfig
 from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
@@ -146,6 +147,7 @@ def _train(
             self.last_step_end = now
             if self.progress is not None:
                 self.progress.update(state.global_step, "" if self.loss is None else f"loss {self.loss:.4f}")
+            termination.check()  # a stop request whose first raise was swallowed ends training here
 
     args = SFTConfig(
         output_dir=str(checkpoints),

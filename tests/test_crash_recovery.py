@@ -1,4 +1,5 @@
-"""Crash recovery with real processes: `kill -9` the CLI mid-training and mid-engine-build.
+"""Crash recovery with real processes: `kill -9` the CLI mid-training and mid-engine-build, and
+`kill` (SIGTERM) it mid-training.
 
 1. Killed once a checkpoint exists: no adapter artifact is left; the rerun resumes from the last
    checkpoint and yields an adapter bitwise equal to an uninterrupted run's (same seed, CPU: the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -86,3 +88,49 @@ def test_kill_during_sft_then_during_build(tmp_path: Path) -> None:
     resumed, reference = adapter_tensors(artifacts), adapter_tensors(uninterrupted)
     assert sorted(resumed) == sorted(reference)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def _run_servers() -> set[int]:
+    """Prefect API servers that runs started (each `ftd run` starts its own, see ftd.servers)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"prefect.server.api.server:create_app" in (proc / "cmdline").read_bytes():
+                    found.add(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigterm_during_sft_stops_the_run_and_records_nothing(tmp_path: Path) -> None:
+    """`kill PID` (what a scheduler or container runtime sends) mid-training: the run stops within
+    seconds, ends by the signal, registers and records nothing, and leaves no server behind."""
+    artifacts = tmp_path / "artifacts"
+    log = tmp_path / "run.log"
+    servers_before = _run_servers()
+    run = start_run(artifacts, log)
+    deadline = time.monotonic() + 600
+    while "sft numbers: " not in (log.read_text() if log.exists() else ""):
+        assert run.poll() is None, "the run ended before it was told to stop:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "timed out waiting for SFT to start"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)  # the CLI's process only, not its group
+    try:
+        code = run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert code == -signal.SIGTERM, f"exit {code}, expected death by SIGTERM:\n{output[-3000:]}"
+    assert artifacts_of(artifacts, "adapter") == [] and artifacts_of(artifacts, "engine") == []
+    records = artifacts / "run-records"
+    assert not records.exists() or not list(records.glob("*.json")), "a stopped run was recorded as passing"
+    with sqlite3.connect(artifacts / "mlflow.db") as db:
+        statuses = [row[0] for row in db.execute("select status from runs")]
+        versions = db.execute("select count(*) from model_versions").fetchone()[0]
+    assert statuses == ["KILLED"] and versions == 0
+    deadline = time.monotonic() + 15
+    while _run_servers() - servers_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _run_servers() - servers_before, "the run's Prefect server outlived it"

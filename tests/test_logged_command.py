@@ -44,3 +44,25 @@ def test_carriage_return_updates_count_as_lines(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(tmp_path))
     assert [s for s in seen if s] == ["0/3", "1/3", "2/3"]
+
+
+def test_a_stop_request_ends_the_tool_instead_of_waiting_for_it(tmp_path: Path) -> None:
+    """A SIGTERM (Prefect raises TerminationSignal) while a tool runs: the tool is stopped at once;
+    without that, leaving `with Popen(...)` waits for a torchrun or a CUDA build to finish."""
+    import time
+
+    from prefect.exceptions import TerminationSignal
+
+    pid_file = tmp_path / "pid"
+    script = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+              "print('started', flush=True); time.sleep(120)")  # fmt: skip
+
+    def stop_on_first_line(line: str) -> None:
+        raise TerminationSignal(signal=15)
+
+    started = time.monotonic()
+    with pytest.raises(TerminationSignal):
+        BuildLog(tmp_path / "build.log").run([sys.executable, "-c", script], "sleep", on_line=stop_on_first_line)
+    assert time.monotonic() - started < 30
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists(), "the tool still runs (or was never reaped)"

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.finetune_to_deploy import finetune_to_deploy
+from ftd import termination
 from ftd.config import load_config
 from ftd.sweep import load_sweep
 from ftd.tracking import Tracker, with_retries
@@ -26,7 +27,9 @@ def sweep(sweep_path: str) -> dict:
     spec, runs, _configs = load_sweep(sweep_path)
     logger = get_run_logger()
     base_cfg = load_config(spec.base, spec.overrides)
-    with Tracker(base_cfg, run_name=f"sweep-{spec.name}") as parent:
+    # The points run in worker threads, where no signal handler runs: the sweep's watch records a
+    # SIGTERM and each point's own checks (every stage, every SFT step) see it and stop.
+    with termination.watch(), Tracker(base_cfg, run_name=f"sweep-{spec.name}") as parent:
         parent.set_tag("ftd.sweep", spec.name)
 
         def run_point(index: int) -> dict:

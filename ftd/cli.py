@@ -116,6 +116,9 @@ def _dispatch(args) -> int:
         return 0
     check_reachable(tracking_uri(cfg))
     prepare_local_stores(cfg.artifacts_dir, tracking_uri(cfg))
+    if args.command == "run" and server_started is None:
+        # A new folder, now migrated: our server rather than Prefect's temporary one (a kill leaks that).
+        server_started = start_run_api_server(cfg.artifacts_dir, tracking_uri(cfg))
     from flows.finetune_to_deploy import finetune_to_deploy  # Prefect's client: while its API starts
     from ftd.tracking import preload
 
@@ -125,8 +128,19 @@ def _dispatch(args) -> int:
         # a time: a cold run gains those seconds, a fully cached run loses at most one import.
         server_started(idle_work=[functools.partial(_import_if_installed, m) for m in TRAINING_MODULES])
 
-    summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
+    with _prefect_api(os.environ.get("PREFECT_API_URL")):
+        summary = finetune_to_deploy(config_path=args.config, overrides=args.overrides)
     return _report_summary(summary, args.summary)
+
+
+def _prefect_api(url: str | None):
+    """Prefect reads PREFECT_API_URL once, when it is first imported; the migration of a new folder
+    imports it before the run's server is started, so the URL is handed to it here as well."""
+    if not url:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: url})
 
 
 def _import_if_installed(module: str) -> None:

@@ -7,7 +7,9 @@ run told to stop once went on to train, register its engines, record itself as p
 0. `watch()` puts a recorder in front of whatever handler is installed (Prefect's) for the flow's
 duration, and `check()` raises the recorded signal again at the run's safe points: before and
 after every stage, at every SFT step, and before a passing run is recorded. Prefect then marks
-the flow run Crashed and the process ends by the signal, as a stopped program should.
+the flow run Crashed and the process ends by the signal, as a stopped program should. The record
+is one per process, so a sweep's points, which run in worker threads (no handler runs there),
+stop at their own next check.
 """
 
 from __future__ import annotations

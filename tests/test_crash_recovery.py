@@ -123,6 +123,7 @@ def test_sigterm_during_sft_stops_the_run_and_records_nothing(tmp_path: Path) ->
             os.killpg(run.pid, signal.SIGKILL)
     output = log.read_text()
     assert code == -signal.SIGTERM, f"exit {code}, expected death by SIGTERM:\n{output[-3000:]}"
+    assert "Starting temporary server" not in output, "a new folder's first run must use ftd's server, not Prefect's"
     assert artifacts_of(artifacts, "adapter") == [] and artifacts_of(artifacts, "engine") == []
     records = artifacts / "run-records"
     assert not records.exists() or not list(records.glob("*.json")), "a stopped run was recorded as passing"

@@ -65,7 +65,7 @@ def test_no_run_server_for_a_configured_server_or_unmigrated_stores(stores, monk
     from ftd.servers import start_run_api_server
 
     artifacts, uri = stores
-    assert start_run_api_server(artifacts, uri) is None  # not migrated yet: Prefect's own path
+    assert start_run_api_server(artifacts, uri) is None  # not migrated yet: the CLI asks again once it is
     _mark_ready(artifacts, uri)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert start_run_api_server(artifacts, uri) is None  # the user's server is used

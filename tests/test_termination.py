@@ -51,3 +51,22 @@ def test_a_stop_raised_in_plain_code_reaches_the_caller_and_the_record_clears_fo
             pass
     with termination.watch():  # a new run in the same process starts unstopped
         termination.check()
+
+
+def test_a_stop_reaches_the_points_of_a_sweep_in_their_worker_threads(prefect_like_handler, monkeypatch) -> None:
+    """Sweep points run in worker threads, where no signal handler runs and where their own
+    watch() records nothing: the main thread's record is what their checks see."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def point() -> str:
+        with termination.watch():  # a point's flow: a no-op outside the main thread
+            try:
+                termination.check()
+            except TerminationSignal:
+                return "stopped"
+            return "ran on"
+
+    monkeypatch.setattr("sys.unraisablehook", lambda unraisable: None)
+    with termination.watch(), ThreadPoolExecutor(max_workers=1) as pool:
+        StoppedInFinalizer()  # swallowed in the main thread
+        assert pool.submit(point).result() == "stopped"

@@ -10,10 +10,21 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int | None = None,
-                 max_positions: int = 512):  # fmt: skip
+                 max_positions: int = 512, **extra):  # fmt: skip
+    """A Llama config; `extra` sets any other LlamaConfig field (rope, tied embeddings) for real shapes."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
+        **(
+            {
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 3,
+                "architectures": ["LlamaForCausalLM"],
+            }
+            | extra
+        ),  # fmt: skip
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -21,12 +32,17 @@ def llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads:
         num_key_value_heads=kv_heads or heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        architectures=["LlamaForCausalLM"],
     )
+
+
+def llama_3_2_1b_config(max_positions: int = 2048):
+    """Llama-3.2-1B's shape (1.24B parameters: 16 layers, 2048 wide, GQA 32/8 heads, 128256-token
+    vocabulary, tied embeddings, llama3 rope), as in its hub config.json."""
+    return llama_config(
+        2048, 8192, 16, 128256, 32, 8, max_positions, tie_word_embeddings=True, rope_theta=500000.0, head_dim=64,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192},
+    )  # fmt: skip
 
 
 def shapes_of(config) -> dict[str, tuple[int, ...]]:
@@ -39,17 +55,21 @@ def shapes_of(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def checkpoint_bytes(config) -> int:
-    return sum(math.prod(s) * 4 for s in shapes_of(config).values())
+def checkpoint_bytes(config, element_bytes: int = 4) -> int:
+    return sum(math.prod(s) * element_bytes for s in shapes_of(config).values())
 
 
-def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0) -> dict:
-    """fp32 safetensors shards of about `shard_bytes` each plus an index; cheap pseudo-random fills
-    (a 16 MiB random pool, tiled with a per-tensor offset and scale)."""
+def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0, dtype: str = "float32") -> dict:
+    """Safetensors shards (fp32, or `dtype` as the hub stores it, e.g. bfloat16) of about
+    `shard_bytes` each plus an index; cheap pseudo-random fills (a 16 MiB random pool, tiled with a
+    per-tensor offset and scale)."""
     import torch
     from safetensors.torch import save_file
 
+    stored = getattr(torch, dtype)
+    element = torch.empty(0, dtype=stored).element_size()
     out.mkdir(parents=True, exist_ok=True)
+    config.torch_dtype = dtype
     config.save_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 22, generator=gen) * 0.02
@@ -57,7 +77,7 @@ def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0) -> dict
     groups: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
+        nbytes = math.prod(shape) * element
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
@@ -70,7 +90,7 @@ def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0) -> dict
         for i, name in enumerate(names):
             shape = shapes[name]
             if len(shape) == 1:
-                tensors[name] = torch.ones(shape)
+                tensors[name] = torch.ones(shape, dtype=stored)
                 continue
             n = math.prod(shape)
             flat = torch.empty(n)
@@ -79,14 +99,14 @@ def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0) -> dict
             for start in range(0, n, pool.numel()):
                 stop = min(n, start + pool.numel())
                 flat[start:stop] = rolled[: stop - start]
-            tensors[name] = flat.view(shape)
+            tensors[name] = flat.view(shape).to(stored)
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update({name: file for name in names})
-        total += sum(t.numel() * 4 for t in tensors.values())
+        total += sum(t.numel() * element for t in tensors.values())
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"bytes": total, "shards": len(groups), "parameters": total // 4}
+    return {"bytes": total, "shards": len(groups), "parameters": total // element}
 
 
 def write_adapter(out: Path, config, r: int = 16, alpha: int = 32, seed: int = 1, std: float = 0.02) -> dict:

@@ -175,7 +175,9 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
     if pending:
         missing = ", ".join(sorted(p.module for p in pending.values())[:5])
         raise FtdError(f"{adapter_path}: adapter targets modules the base model does not have: {missing}")
-    if len(set(weight_map.values())) > 1:
+    # An index whenever the output has several files, or the base came with one: a one-shard
+    # checkpoint named model-00001-of-00001.safetensors loads only through its index.
+    if len(set(weight_map.values())) > 1 or any((base_dir / n).is_file() for n in INDEX_FILES):
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for name in COPIED_FILES:
@@ -186,6 +188,9 @@ def stream_merge(base_dir: Path, adapter_path: Path, out: Path, settings: MergeS
         if (tokenizer_source / name).is_file():
             shutil.copy2(tokenizer_source / name, out / name)
     return {"shards": len(shards), "merged_modules": len(pairs), "bytes": total_bytes}
+
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class Scratch:

@@ -199,6 +199,9 @@ def _train(
         peft_config=peft_config,
         callbacks=[steps],
     )
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     resume = last_complete_checkpoint(checkpoints) if settings.save_steps else None
     if resume is not None:
         log.info("sft %s: resuming from %s", adapter.name, resume)
@@ -228,6 +231,13 @@ def _train(
         "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
         "median_step_seconds": round(statistics.median(steps.step_seconds), 6) if steps.step_seconds else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        # Where it trained, as the model's weights say (not what was asked for): a GPU run that
+        # silently fell back to the CPU shows here, and scripts/gpu_check.sh asserts on it.
+        "device": str(next(trainer.model.parameters()).device),
+        "dtype": str(next(p for p in trainer.model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
+        "gpu_peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
         "lora": lora.model_dump(),
         "scale": lora.scale,
     }

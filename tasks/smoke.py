@@ -77,11 +77,23 @@ def accuracy(tokenizer, prompts: list[dict], outputs: list[Generation]) -> float
 # ---------------------------------------------------------------- reference (PyTorch)
 
 
+def reference_device() -> str:
+    """Where the PyTorch references run: the GPU when there is one (a 1B model's references on
+    CPU take minutes), in fp32 with TF32 off, so they stay references for fp32 engines."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def reference_key(base: Artifact, adapter: Artifact, merged: Artifact, data: Artifact, settings: SmokeSettings) -> str:
+    config = settings.model_dump(mode="json", exclude={"thresholds"})
+    device = reference_device()
+    if device != "cpu":  # logits differ in the last bits between devices; CPU keys stay as they were
+        config["device"] = device
     return stage_key(
         REFERENCE,
         code=code_version(__file__),
-        config=settings.model_dump(mode="json", exclude={"thresholds"}),
+        config=config,
         inputs=[base.key, adapter.key, merged.key, data.key],
         libraries=library_versions("torch", "transformers", "peft"),
     )
@@ -94,26 +106,38 @@ def reference_outputs(
     from tasks.sft import adapter_dir
 
     def build(tmp: Path) -> dict:
+        import time
+
+        import torch
         from peft import PeftModel
 
         from tasks.modeling import eos_token_ids, load_model, load_tokenizer
 
+        device = reference_device()
+        started = time.perf_counter()
         tokenizer = load_tokenizer(adapter_dir(adapter, store), trust_remote_code)
         eos = eos_token_ids(tokenizer, model_dir(base))
         prompts = smoke_prompts(data, settings, store)
         ids = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True) for p in prompts]
         outputs: dict[str, list[Generation]] = {}
-        model = load_model(model_dir(base), trust_remote_code).eval()
-        if settings.include_base:
-            outputs["base"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
-        model = PeftModel.from_pretrained(model, adapter_dir(adapter, store)).eval()
-        outputs["adapter"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
-        del model
-        merged_model = load_model(merged.path(store), trust_remote_code).eval()
-        outputs["merged"] = [torch_greedy(merged_model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references: TF32 rounds inputs to 10 bits
+        try:
+            model = load_model(model_dir(base), trust_remote_code).to(device).eval()
+            if settings.include_base:
+                outputs["base"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+            model = PeftModel.from_pretrained(model, adapter_dir(adapter, store)).to(device).eval()
+            outputs["adapter"] = [torch_greedy(model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+            del model
+            merged_model = load_model(merged.path(store), trust_remote_code).to(device).eval()
+            outputs["merged"] = [torch_greedy(merged_model, x, settings.max_new_tokens, eos, tokenizer) for x in ids]
+            del merged_model
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         save_generations(tmp, outputs)
         (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "ids": ids, "eos": eos}))
-        return {name: {"accuracy": accuracy(tokenizer, prompts, outs)} for name, outs in outputs.items()}
+        meta = {name: {"accuracy": accuracy(tokenizer, prompts, outs)} for name, outs in outputs.items()}
+        return meta | {"device": device, "seconds": round(time.perf_counter() - started, 3)}
 
     key = reference_key(base, adapter, merged, data, settings)
     return store.materialize(REFERENCE, key, build, lineage={"adapter": adapter.key, "merged": merged.key})
@@ -124,8 +148,8 @@ def torch_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: lis
 
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            input_ids=torch.tensor([prompt_ids], device=model.device),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eos_ids,
@@ -134,7 +158,7 @@ def torch_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: lis
             return_dict_in_generate=True,
         )
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
-    logits = [step[0].float().numpy() for step in out.logits][: len(tokens)]
+    logits = [step[0].float().cpu().numpy() for step in out.logits][: len(tokens)]
     return Generation(tokens=tokens, logits=logits)
 
 

@@ -130,6 +130,21 @@ def test_single_file_base_writes_no_index(tmp_path):
     assert_bitwise_equal(tmp_path / "merged", reference)
 
 
+def test_one_shard_base_with_index_keeps_its_index(tmp_path):
+    """A hub checkpoint stored as model-00001-of-00001.safetensors plus an index (as bench/synth.py
+    writes one; found on the GPU check): without the index the merged model does not load."""
+    base = build_base(tmp_path / "base", shard="10MB")
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    names = list(load_file(base / "model-00001-of-00001.safetensors"))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    reference = make_adapter(base, tmp_path / "adapter")
+    merge(base, tmp_path / "adapter", tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    assert_bitwise_equal(tmp_path / "merged", reference)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+
+
 def test_legacy_bin_base_with_tied_weights(tmp_path):
     """An old `pytorch_model.bin` may store tied tensors under both names, sharing one storage."""
     torch.manual_seed(0)

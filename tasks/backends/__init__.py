@@ -56,6 +56,22 @@ def parse_options(target: TargetConfig, schema: type[OptionsT]) -> OptionsT:
         raise ConfigError(f"targets.{target.name}.options: {describe_validation_error(exc)}") from None
 
 
+def gpu_unavailable_reason(purpose: str, missing_packages: list[str]) -> str | None:
+    """Why a CUDA step cannot run here, naming exactly what is missing: the GPU, the packages, or
+    both. None when both are present: such a step must run, never be skipped (checked on a GPU
+    machine by scripts/gpu_check.sh)."""
+    import torch  # deferred: only CUDA targets ask, and torch's import costs seconds
+
+    packages = " and ".join(missing_packages)
+    if not torch.cuda.is_available():
+        if missing_packages:
+            return f"{purpose} needs a GPU and {packages}; neither is present here"
+        return f"{purpose} needs a GPU; none is visible (torch.cuda.is_available() is False)"
+    if missing_packages:
+        return f"{purpose} needs {packages}, not installed here (a GPU is present: {torch.cuda.get_device_name(0)})"
+    return None
+
+
 _REGISTRY: dict[str, Backend] = {}
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError
-from tasks.backends import Generation, parse_options, register
+from tasks.backends import Generation, gpu_unavailable_reason, parse_options, register
 from tasks.dashinfer import env
 
 NAME = "dashinfer"
@@ -88,10 +88,12 @@ class DashInfer:
 
     def unavailable_reason(self, target: TargetConfig) -> str | None:
         if target.mode == "multi_lora":
-            return (
-                "DashInfer multi-LoRA needs dashinfer 2.x on an NVIDIA GPU (CUDA wheels for CPython ≤ 3.10); "
-                "the bundle and its launch script are written, the engine is not run here"
+            # ftd runs no DashInfer 2.x engine (its CUDA wheels are for CPython <= 3.10): with or
+            # without a GPU this step is skipped, and the reason says which of the two is missing.
+            reason = gpu_unavailable_reason(
+                "DashInfer multi-LoRA", ["dashinfer 2.x (CUDA wheels for CPython <= 3.10; ftd does not install it)"]
             )
+            return f"{reason}; the bundle and its launch script are written, the engine is not run here"
         return env.platform_problem()
 
     def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:

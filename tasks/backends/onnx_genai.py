@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
-from tasks.backends import Generation, register
+from tasks.backends import Generation, gpu_unavailable_reason, register
 from tasks.backends.og_runtime import og_greedy
 from tasks.logged_command import BuildLog
 
@@ -111,10 +111,10 @@ class OnnxGenAI:
         if exporter_of(target) == "optimum" and not _importable("optimum.exporters.onnx"):
             return "exporter optimum needs the optimum and optimum-onnx packages; they are not installed"
         if target.device == "cuda":
-            import onnxruntime as ort
+            import onnxruntime_genai as og
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                return "device cuda needs a GPU and the onnxruntime-genai-cuda package; neither is present here"
+            missing = [] if og.is_cuda_available() else ["the onnxruntime-genai-cuda package"]
+            return gpu_unavailable_reason("device cuda", missing)
         return None
 
     def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:

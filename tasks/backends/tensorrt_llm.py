@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError
-from tasks.backends import parse_options, register
+from tasks.backends import gpu_unavailable_reason, parse_options, register
 from tasks.trtllm.lora import DTYPES, HF_TO_TRT
 
 NAME = "tensorrt_llm"
@@ -118,13 +118,8 @@ class TensorRtLlm:
 
     def unavailable_reason(self, target: TargetConfig) -> str | None:
         """Why the *engine* cannot be built here (the bundle always can)."""
-        if importlib.util.find_spec("tensorrt_llm") is None:
-            return "engine build needs the tensorrt_llm package and an NVIDIA GPU; tensorrt_llm is not installed"
-        import torch
-
-        if not torch.cuda.is_available():
-            return "engine build needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)"
-        return None
+        missing = ["the tensorrt_llm package"] if importlib.util.find_spec("tensorrt_llm") is None else []
+        return gpu_unavailable_reason("engine build", missing)
 
 
 def build_commands(

@@ -35,7 +35,7 @@ def llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads:
     )
 
 
-def llama_3_2_1b_config(max_positions: int = 2048):
+def llama_3_2_1b_config(max_positions: int = 131072):
     """Llama-3.2-1B's shape (1.24B parameters: 16 layers, 2048 wide, GQA 32/8 heads, 128256-token
     vocabulary, tied embeddings, llama3 rope), as in its hub config.json."""
     return llama_config(
@@ -46,13 +46,19 @@ def llama_3_2_1b_config(max_positions: int = 2048):
 
 
 def shapes_of(config) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes in checkpoint order, from a meta-device model (no memory)."""
+    """Parameter names and shapes in checkpoint order, from a meta-device model (no memory).
+
+    A tied weight is stored once, as the hub stores it (Llama-3.2-1B has no `lm_head.weight`): a
+    state_dict lists it under both names, and a separate random `lm_head` in a tied model is not
+    what transformers loads (found by the GPU check: peft's merge showed the tied copy)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    unique = dict(model.named_parameters())  # drops the second name of a tied parameter
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name in unique or name not in every}
 
 
 def checkpoint_bytes(config, element_bytes: int = 4) -> int:
@@ -69,7 +75,7 @@ def write_checkpoint(out: Path, config, shard_bytes: int, seed: int = 0, dtype: 
     stored = getattr(torch, dtype)
     element = torch.empty(0, dtype=stored).element_size()
     out.mkdir(parents=True, exist_ok=True)
-    config.torch_dtype = dtype
+    config.dtype = dtype  # recorded in config.json, as the hub records it
     config.save_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 22, generator=gen) * 0.02

@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- SFT: ftd and plain TRL, bf16 and fp32
     trained = {}
+    # CUDA's first training in a process loads and autotunes kernels (the first GPU run here: plain
+    # TRL's whole-run tokens/s 0.70x of ftd's, its median step 1.07x): an untimed warm-up pays it.
+    warm = adapter_cfg.model_copy(
+        update={"sft": adapter_cfg.sft.model_copy(update={"max_steps": 5, "dtype": "bfloat16"})}
+    )
+    plain_trl(model_dir, rows, warm, work / "warm-up")
     for dtype in ("bfloat16", "float32"):
         one = adapter_cfg.model_copy(
             update={"sft": adapter_cfg.sft.model_copy(update={"max_steps": steps, "dtype": dtype})}
@@ -136,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_second_vs_plain": round(ratio, 3),
             "step_speed_vs_plain": round(step_ratio, 3),
         }
-        checks.add(f"SFT {dtype} tokens/s vs plain TRL", ratio >= 0.9 if on_gpu else None,
-                   f"{ratio:.3f}x ({sft['tokens_per_second']:.0f} vs {plain['tokens_per_second']:.0f} tokens/s); "
+        # The check is on the median step (robust to a slow spell); whole-run tokens/s is reported too.
+        checks.add(f"SFT {dtype} step speed vs plain TRL", step_ratio >= 0.9 if on_gpu else None,
                    f"median step {step_ratio:.3f}x ({1000 * sft['median_step_seconds']:.1f} vs "
-                   f"{1000 * plain['median_step_seconds']:.1f} ms)")  # fmt: skip
+                   f"{1000 * plain['median_step_seconds']:.1f} ms); whole run {ratio:.3f}x "
+                   f"({sft['tokens_per_second']:.0f} vs {plain['tokens_per_second']:.0f} tokens/s)")  # fmt: skip
 
     # ---------------------------------------------------------------- merge of the bf16 checkpoint vs peft
     adapter = trained["bfloat16"]

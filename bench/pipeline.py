@@ -117,7 +117,7 @@ class Bench:
 
     def ftd(self, config: Path, artifacts: Path, label: str, *args: str) -> dict:
         summary = self.work / f"summary-{label}-{self.count}.json"
-        command = [sys.executable, "-m", "ftd.cli", "run", str(config), "--set", f"artifacts_dir={artifacts}",
+        command = [sys.executable, "-m", "app.cli", "run", str(config), "--set", f"artifacts_dir={artifacts}",
                    "--summary", str(summary), *args]  # fmt: skip
         seconds = timed(command, self.work / f"{label}-{self.count}.log")
         result = json.loads(summary.read_text())

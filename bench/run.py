@@ -400,11 +400,11 @@ def graph_weight_bytes(model_path: Path) -> dict:
 
 
 def add_adapter(engine: Path, base_dir: Path, adapter_dir: Path, out_file: Path) -> int:
-    """Make `engine` (the base model's og graph) a multi-LoRA graph as ftd does (tasks.lora_graph) and
+    """Make `engine` (the base model's og graph) a multi-LoRA graph as ftd does (tasks.backends.onnx_genai.lora_graph) and
     export the adapter for it; returns the adapter's bytes (read on every decode step)."""
-    from tasks import lora_graph
+    from tasks.backends.onnx_genai import lora_graph
+    from tasks.backends.onnx_genai.multi_lora import write_onnx_adapter
     from tasks.merge import read_adapter
-    from tasks.multi_lora import write_onnx_adapter
 
     config, pairs = read_adapter(adapter_dir)
     base_config = json.loads((base_dir / "config.json").read_text())

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows import report
 from flows.finetune_to_deploy import finetune_to_deploy
 from ftd import termination
 from ftd.config import load_config
@@ -62,8 +63,8 @@ def sweep(sweep_path: str) -> dict:
             ]
             logger.info("point %d %s: %s", r["point"], r["overrides"], "passed" if r["passed"] else r["error"])
         champion = _promote(spec, parent, results)
-        rows = [_row(spec, r, champion) for r in results]
-        markdown = _markdown(spec, rows, champion)
+        rows = [report.sweep_row(spec, r, champion) for r in results]
+        markdown = report.sweep_report(spec, rows, champion)
         key = "ftd-sweep-" + re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")
         create_table_artifact(rows, key=key, description=f"sweep {spec.name}: one row per point")
         create_markdown_artifact(markdown, key=key + "-report", description=f"sweep {spec.name} report")
@@ -100,34 +101,3 @@ def _promote(spec, parent: Tracker, results: list[dict]) -> dict | None:
         aliased.append(f"{version['name']}@{spec.promote.alias} = v{version['version']}")
     parent.set_tag("ftd.champion", f"point {best['point']}: {', '.join(best['overrides'])}")
     return {"point": best["point"], "objective": best["objective"], "aliases": aliased}
-
-
-def _row(spec, r: dict, champion: dict | None) -> dict:
-    summary = r["summary"] or {}
-    return {
-        "point": r["point"],
-        "overrides": ", ".join(r["overrides"]) or "(base)",
-        spec.objective.metric: r["objective"],
-        "gates": "passed" if r["passed"] else f"failed: {(r['error'] or '')[:200]}",
-        "champion": bool(champion and champion["point"] == r["point"]),
-        "mlflow_run": summary.get("mlflow_run_id", ""),
-        "registered": ", ".join(f"{v['name']} v{v['version']}" for v in summary.get("registered", [])),
-        "cache_hits": len(r["reused"]),
-    }
-
-
-def _markdown(spec, rows: list[dict], champion: dict | None) -> str:
-    metric = spec.objective.metric
-    lines = [f"# Sweep {spec.name}", "", f"Objective: {spec.objective.mode} `{metric}`.", "",
-             f"| point | overrides | {metric} | gates | cache hits | registered |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        value = "n/a" if row[metric] is None else f"{row[metric]:.4g}"
-        star = " **champion**" if row["champion"] else ""
-        lines.append(f"| {row['point']}{star} | {row['overrides']} | {value} | {row['gates']} | {row['cache_hits']} | "
-                     f"{row['registered']} |")  # fmt: skip
-    lines.append("")
-    if champion:
-        lines.append(f"Promoted point {champion['point']}: " + "; ".join(champion["aliases"]))
-    else:
-        lines.append("No version promoted: no point passed its gates." if spec.promote else "Promotion disabled.")
-    return "\n".join(lines) + "\n"

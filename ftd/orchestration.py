@@ -8,50 +8,74 @@ the task runs again instead of returning a path that no longer exists.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.states import Completed
-
 from ftd import termination
 from ftd.store import Artifact, Store
 
 
-def stage_task(fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str):
-    """Wrap a pure stage function as a cached Prefect task.
+class StageTask:
+    """A pure stage function declared as a cached Prefect task.
 
     `key_fn(parameters)` returns the artifact key, or None when the result must not be cached
-    (e.g. a build that will be skipped on this machine)."""
+    (e.g. a build that will be skipped on this machine). The Prefect task itself is made on first
+    use: backends declare their stages when they are imported, and pre-flight imports every
+    backend; importing Prefect there would add ~1.5 s to `ftd validate` and to the up-to-date check."""
 
-    def cache_key(context, parameters: dict) -> str | None:
-        key = key_fn(parameters)
-        if key is None:
-            return None
-        store: Store = parameters["store"]
-        record = f"{stage}-{key}"
-        if not store.has(stage, key):
-            (results_dir() / record).unlink(missing_ok=True)
-        return record
+    def __init__(self, fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str):
+        self.fn, self.stage, self.key_fn, self.run_name = fn, stage, key_fn, run_name
+        self._task = None
+        self._lock = threading.Lock()
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        artifact = fn(*args, **kwargs)
-        if artifact.meta.get("skipped"):  # shown as "Skipped" with the reason in the Prefect UI
-            return Completed(name="Skipped", message=artifact.meta.get("reason", ""), data=artifact)
-        return artifact
+    @property
+    def prefect(self):
+        with self._lock:
+            if self._task is None:
+                self._task = self._make_task()
+            return self._task
 
-    return task(
-        run,
-        name=stage,
-        cache_key_fn=cache_key,
-        persist_result=True,
-        result_serializer="json",
-        task_run_name=run_name,
-    )
+    def __call__(self, **kwargs: Any):
+        """Run as the Prefect task (`return_state=True` is passed through)."""
+        return self.prefect(**kwargs)
+
+    def _make_task(self):
+        from prefect import task
+        from prefect.states import Completed
+
+        stage, key_fn, fn = self.stage, self.key_fn, self.fn
+
+        def cache_key(context, parameters: dict) -> str | None:
+            key = key_fn(parameters)
+            if key is None:
+                return None
+            store: Store = parameters["store"]
+            record = f"{stage}-{key}"
+            if not store.has(stage, key):
+                (results_dir() / record).unlink(missing_ok=True)
+            return record
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            artifact = fn(*args, **kwargs)
+            if artifact.meta.get("skipped"):  # shown as "Skipped" with the reason in the Prefect UI
+                return Completed(name="Skipped", message=artifact.meta.get("reason", ""), data=artifact)
+            return artifact
+
+        return task(
+            run, name=stage, cache_key_fn=cache_key, persist_result=True, result_serializer="json",
+            task_run_name=self.run_name,
+        )  # fmt: skip
+
+
+def stage_task(
+    fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str
+) -> StageTask:
+    return StageTask(fn, stage, key_fn, run_name)
 
 
 def results_dir() -> Path:
@@ -77,7 +101,7 @@ class StageLog:
 
     records: list[StageRecord] = field(default_factory=list)
 
-    def run(self, prefect_task, label: str, **kwargs: Any) -> Artifact:
+    def run(self, prefect_task: StageTask, label: str, **kwargs: Any) -> Artifact:
         termination.check()  # between stages: a stop request is honoured before the next one starts
         started = time.perf_counter()
         state = prefect_task(return_state=True, **kwargs)
@@ -92,6 +116,10 @@ class StageLog:
             status, detail = "built", ""
         self.records.append(StageRecord(artifact.stage, label, status, round(seconds, 2), artifact.key, detail))
         return artifact
+
+    def skip(self, stage: str, label: str, reason: str) -> None:
+        """A stage that cannot run here: recorded as skipped (no task runs, nothing is cached)."""
+        self.records.append(StageRecord(stage, label, "skipped", 0.0, "-", reason))
 
     def markdown(self) -> str:
         lines = ["| stage | item | status | seconds | key |", "|---|---|---|---|---|"]

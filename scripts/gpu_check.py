@@ -32,7 +32,7 @@ from bench import synth  # noqa: E402
 from ftd.builtin_models import BUILTINS, train_tokenizer  # noqa: E402
 from ftd.config import AdapterConfig, TargetConfig, load_config  # noqa: E402
 from ftd.store import Store  # noqa: E402
-from tasks.backends import get_backend  # noqa: E402
+from tasks.backends.registry import get_backend  # noqa: E402
 from tasks.base_model import parse_base, resolve_base  # noqa: E402
 from tasks.data import load_split, prepare_data  # noqa: E402
 from tasks.merge import merge_adapter  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftd.config import TargetConfig
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
-from tasks.backends import get_backend
+from tasks.backends.registry import get_backend
 
 STAGE = "engine"
 

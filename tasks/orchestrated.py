@@ -1,15 +1,16 @@
-"""The Prefect tasks: each pure stage function wrapped with its cache key and a readable name.
+"""The core stages as cached tasks: each pure stage function with its cache key and a readable name.
 
-Kept apart from the stage modules so those stay importable (and testable) without Prefect.
+A backend declares its own stages beside their functions (`tasks/backends/<name>/`); these are the
+ones every run shares: base, data, SFT or import, merge, reference, a merged engine's build, smoke.
+Importing this module does not import Prefect (`ftd.orchestration.StageTask` makes the Prefect task
+on first use).
 """
 
 from __future__ import annotations
 
 from ftd.orchestration import stage_task
-from tasks import adapter_import, base_model, build, data, merge, multi_lora, sft, smoke
-from tasks.backends import get_backend
-from tasks.dashinfer import lora_bundle as dashinfer_lora
-from tasks.trtllm import stages as trt_stages
+from tasks import adapter_import, base_model, build, data, merge, sft, smoke
+from tasks.backends.registry import get_backend
 
 
 def _base_key(p: dict) -> str | None:
@@ -58,49 +59,4 @@ smoke_task = stage_task(
     smoke.SMOKE,
     lambda p: smoke.smoke_key(p["reference"], p["engine"], p["target"], p["settings"]),
     "smoke[{adapter.meta[adapter_name]}/{target.name}]",
-)
-lora_graph_task = stage_task(
-    multi_lora.build_lora_graph,
-    multi_lora.GRAPH,
-    lambda p: multi_lora.graph_key(p["base"], p["modules"], p["target"]),
-    "lora-graph[{target.name}]",
-)
-export_adapter_task = stage_task(
-    multi_lora.export_onnx_adapter,
-    multi_lora.EXPORT,
-    lambda p: multi_lora.export_key(p["graph"], p["adapter"]),
-    "onnx-adapter[{adapter.meta[adapter_name]}]",
-)
-bundle_task = stage_task(
-    multi_lora.assemble_bundle,
-    multi_lora.BUNDLE,
-    lambda p: multi_lora.bundle_key(p["graph"], p["exports"]),
-    "lora-bundle",
-)
-
-
-def _trt_engine_key(p: dict) -> str | None:
-    if get_backend(p["target"].backend).unavailable_reason(p["target"]):
-        return None  # skipped here: never cached, so a GPU machine builds it
-    return trt_stages.engine_key(p["model"], p["loras"], p["target"], p["architecture"])
-
-
-trt_lora_task = stage_task(
-    trt_stages.convert_lora,
-    trt_stages.LORA,
-    lambda p: trt_stages.lora_key(p["adapter"], p["target"]),
-    "trt-lora[{adapter.meta[adapter_name]}]",
-)
-trt_engine_task = stage_task(trt_stages.build_engine, trt_stages.ENGINE, _trt_engine_key, "trt-engine[{target.name}]")
-triton_bundle_task = stage_task(
-    trt_stages.assemble_bundle,
-    trt_stages.BUNDLE,
-    lambda p: trt_stages.bundle_key(p["model"], p["tokenizer_from"], p["loras"], p["engine"], p["target"]),
-    "triton-bundle[{target.name}]",
-)
-dashinfer_lora_task = stage_task(
-    dashinfer_lora.assemble,
-    dashinfer_lora.STAGE,
-    lambda p: dashinfer_lora.bundle_key(p["base"], p["adapters"], p["target"]),
-    "dashinfer-lora[{target.name}]",
 )

@@ -19,7 +19,8 @@ import numpy as np
 from ftd.config import SmokeSettings, TargetConfig, Thresholds
 from ftd.errors import GateFailed
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
-from tasks.backends import Generation, get_backend
+from tasks.backends.registry import get_backend
+from tasks.backends.runtime import Generation
 from tasks.base_model import model_dir
 from tasks.data import load_split
 
@@ -234,15 +235,10 @@ def thresholds_for(target: TargetConfig, settings: SmokeSettings) -> Thresholds:
 
 
 def open_engine(target: TargetConfig, engine_dir: Path, adapter_name: str):
-    """`run_all(prompts, max_new_tokens, eos_ids) -> [Generation]` for this engine (a multi-LoRA
-    bundle with `adapter_name` active). Engines that run out of process decode all prompts in one
-    call (`greedy_batch`), the others prompt by prompt."""
-    if target.mode == "multi_lora":
-        from tasks.multi_lora import MultiLoraEngine
-
-        bundle = MultiLoraEngine(engine_dir)
-        return lambda prompts, n, eos: [bundle.greedy(ids, n, eos, adapter=adapter_name) for ids in prompts]
-    engine = get_backend(target.backend).open(engine_dir, target)
+    """`run_all(prompts, max_new_tokens, eos_ids) -> [Generation]` for this engine (a bundle of
+    several adapters with `adapter_name` active). Engines that run out of process decode all
+    prompts in one call (`greedy_batch`), the others prompt by prompt."""
+    engine = get_backend(target.backend).open(engine_dir, target, adapter_name)
     if hasattr(engine, "greedy_batch"):
         return engine.greedy_batch
     return lambda prompts, n, eos: [engine.greedy(ids, n, eos) for ids in prompts]

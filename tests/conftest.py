@@ -30,7 +30,7 @@ def run_ftd(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     summary_path = artifacts.parent / f"{artifacts.name}-summary.json"
     summary_path.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "ftd.cli", command, str(config), "--set", f"artifacts_dir={artifacts}", *args]
+    argv = [sys.executable, "-m", "app.cli", command, str(config), "--set", f"artifacts_dir={artifacts}", *args]
     if command == "run":
         argv += ["--summary", str(summary_path)]
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

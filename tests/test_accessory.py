@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ftd.errors import FtdError
-from tasks import accessory
-from tasks.accessory import AccessoryLlama, export_accessory, load_accessory
+from tasks.backends.accessory import export as accessory
+from tasks.backends.accessory.export import AccessoryLlama, export_accessory, load_accessory
 
 VOCAB, TOL = 96, 1e-5
 

@@ -61,7 +61,7 @@ def test_prefect_and_mlflow_uis_show_the_run(tmp_path: Path) -> None:
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
         summary_path = tmp_path / "summary.json"
         run = subprocess.run(
-            [sys.executable, "-m", "ftd.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
+            [sys.executable, "-m", "app.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
              "--set", f"tracking.uri=http://127.0.0.1:{mlflow_port}", "--summary", str(summary_path)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
         )  # fmt: skip

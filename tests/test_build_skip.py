@@ -9,7 +9,7 @@ import pytest
 
 from ftd.config import TargetConfig
 from ftd.store import Artifact, Store
-from tasks.backends import get_backend
+from tasks.backends.registry import get_backend
 from tasks.build import build_engine
 
 
@@ -51,7 +51,7 @@ def fake_gpu(monkeypatch):
 def test_with_a_gpu_only_the_missing_package_is_named(fake_gpu, monkeypatch) -> None:
     import onnxruntime_genai as og
 
-    from tasks.backends import gpu_unavailable_reason
+    from tasks.backends.base import gpu_unavailable_reason
 
     assert gpu_unavailable_reason("engine build", []) is None  # a GPU and its packages: never skipped
     monkeypatch.setattr(og, "is_cuda_available", lambda: False)

@@ -138,7 +138,7 @@ def test_placeholder_config_has_the_built_modules(built, name):
 def test_ftd_validate_accepts_config(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     config = ROOT / "configs" / CONFIGS[name]
-    argv = [sys.executable, "-m", "ftd.cli", "validate", str(config), "--set", f"artifacts_dir={tmp_path / 'art'}"]
+    argv = [sys.executable, "-m", "app.cli", "validate", str(config), "--set", f"artifacts_dir={tmp_path / 'art'}"]
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"base builtin:{name} ({BUILTINS[name].architecture})" in proc.stdout

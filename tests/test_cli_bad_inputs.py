@@ -1,13 +1,19 @@
 """Bad inputs: each gives a one-line error naming the field or file, exits non-zero, registers
-nothing, and is caught before any compute (no artifact, no MLflow database is created)."""
+nothing, and is caught before any compute (no artifact, no MLflow database is created).
+
+Most cases call the CLI's entry point in this process (the same `main` the `ftd` command runs);
+`SUBPROCESS` cases run the real command, for the exit-code and stderr contract of the process."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_CONFIG, run_ftd
+from tests.conftest import DEFAULT_CONFIG, CliResult, run_ftd
+
+SUBPROCESS = {"missing dataset file", "misspelt key", "unreachable tracking server", "unknown backend"}
 
 CASES = {
     "missing dataset file": (["--set", "adapters.0.data.train=data/numbers/nope.jsonl"], r"adapters\.numbers\.data\.train: file not found: data/numbers/nope\.jsonl"),
@@ -48,10 +54,30 @@ def _assert_clean_failure(result, pattern: str, artifacts: Path) -> None:
     assert not (artifacts / "mlflow.db").exists()
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`ftd run ...` through `app.cli.main` in this process; the environment it sets is restored."""
+    from app.cli import main
+
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith(("PREFECT_", "MLFLOW_"))]:
+        monkeypatch.delenv(name)
+
+    def run(artifacts: Path, *args: str, config: Path = DEFAULT_CONFIG) -> CliResult:
+        capsys.readouterr()
+        code = main(["run", str(config), "--set", f"artifacts_dir={artifacts}", *args])
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err, None)
+
+    yield run
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_before_compute(case: str, artifacts: Path) -> None:
+def test_bad_input_fails_before_compute(case: str, artifacts: Path, in_process) -> None:
     overrides, pattern = CASES[case]
-    result = run_ftd(artifacts, *overrides)
+    result = run_ftd(artifacts, *overrides) if case in SUBPROCESS else in_process(artifacts, *overrides)
     _assert_clean_failure(result, pattern, artifacts)
 
 
@@ -62,8 +88,8 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path, artifacts: Path) -> 
     _assert_clean_failure(result, rf"{bad}: malformed YAML at line \d+, column \d+", artifacts)
 
 
-def test_missing_config_file(artifacts: Path) -> None:
-    result = run_ftd(artifacts, config=Path("configs/nope.yaml"))
+def test_missing_config_file(artifacts: Path, in_process) -> None:
+    result = in_process(artifacts, config=Path("configs/nope.yaml"))
     _assert_clean_failure(result, r"config file not found: configs/nope\.yaml", artifacts)
 
 

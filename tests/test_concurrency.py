@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 def start(artifacts: Path, name: str, tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     summary = tmp_path / f"{name}.json"
-    argv = [sys.executable, "-m", "ftd.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
+    argv = [sys.executable, "-m", "app.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
             "--summary", str(summary), *overrides]  # fmt: skip
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), summary

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 
 def start_run(artifacts: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    argv = [sys.executable, "-m", "ftd.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}"]
+    argv = [sys.executable, "-m", "app.cli", "run", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}"]
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
 

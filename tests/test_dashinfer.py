@@ -15,9 +15,9 @@ import torch
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
-from tasks.backends import get_backend
-from tasks.dashinfer import env
-from tasks.dashinfer.lora_bundle import LAUNCH, check_adapter, rewrite_adapter, write_bundle
+from tasks.backends.dashinfer import env
+from tasks.backends.dashinfer.lora_bundle import LAUNCH, check_adapter, rewrite_adapter, write_bundle
+from tasks.backends.registry import get_backend
 from tests.test_merge import build_base
 from tests.test_trtllm_lora import make_peft, peft_deltas
 

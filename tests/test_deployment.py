@@ -75,7 +75,7 @@ def test_served_deployment_is_scheduled_and_runs_when_triggered(tmp_path: Path) 
         wait_for(f"{api}/health", server)
         client_env = {**env, "PREFECT_API_URL": api, "PWD": str(ROOT)}
         served = subprocess.Popen(
-            [sys.executable, "-m", "ftd.cli", "serve", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
+            [sys.executable, "-m", "app.cli", "serve", str(DEFAULT_CONFIG), "--set", f"artifacts_dir={artifacts}",
              "--name", "nightly", "--cron", "0 3 * * *"],
             cwd=ROOT, env=client_env, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -2,7 +2,7 @@
 parallel 2) through the parity gate, a DashInfer 2.x multi-LoRA bundle and MindFormers weights
 produced and checked, GPU/Ascend-only steps reported as skipped with their reasons.
 
-DashInfer's own environment is created on first use (tasks/dashinfer/env.py), as for a user.
+DashInfer's own environment is created on first use (tasks/backends/dashinfer/env.py), as for a user.
 """
 
 from __future__ import annotations

@@ -160,11 +160,11 @@ def _read_with(reader: str, tmp_path: Path, marker: Path) -> None:
     from ftd.config import MergeSettings
 
     if reader == "trtllm-convert":
-        from tasks.trtllm.lora import convert
+        from tasks.backends.tensorrt_llm.lora import convert
 
         convert("evil", _pickle_adapter(tmp_path, marker), "fp16")
     elif reader == "dashinfer-bundle":
-        from tasks.dashinfer.lora_bundle import rewrite_adapter
+        from tasks.backends.dashinfer.lora_bundle import rewrite_adapter
 
         rewrite_adapter("evil", _pickle_adapter(tmp_path, marker), tmp_path / "out")
     elif reader == "adapter-import":
@@ -183,7 +183,7 @@ def _read_with(reader: str, tmp_path: Path, marker: Path) -> None:
 
         load_model(_pickle_base(tmp_path, marker))
     elif reader == "accessory-shards":
-        from tasks.accessory import load_accessory
+        from tasks.backends.accessory.export import load_accessory
 
         out = tmp_path / "acc"
         out.mkdir()

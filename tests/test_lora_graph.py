@@ -1,4 +1,4 @@
-"""LoRA branches on the og builder's base graph (tasks/lora_graph.py).
+"""LoRA branches on the og builder's base graph (tasks/backends/onnx_genai/lora_graph.py).
 
 The graph checks run the real builder on a builtin tiny base and compare the engine, adapter
 active, with peft's own forward pass of base + adapter; the layout checks build the arrays for
@@ -20,9 +20,9 @@ import torch
 
 from ftd.builtin_models import build_tiny_model
 from ftd.errors import FtdError
-from tasks import lora_graph
+from tasks.backends.onnx_genai import lora_graph
+from tasks.backends.onnx_genai.multi_lora import write_onnx_adapter
 from tasks.merge import LoraPair, read_adapter
-from tasks.multi_lora import write_onnx_adapter
 from tests.test_merge import LLAMA_TARGETS, PHI3_TARGETS, random_peft
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tasks.mindformers as mf
+import tasks.backends.mindspore.convert as mf
 from ftd.errors import FtdError
 
 MF_NAME = re.compile(

@@ -12,7 +12,8 @@ import pytest
 
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
-from tasks.backends.onnx_genai import OnnxGenAI, decoder_io, exporter_of
+from tasks.backends.onnx_genai.backend import OnnxGenAI
+from tasks.backends.onnx_genai.builder import decoder_io, exporter_of
 from tests.conftest import run_ftd
 
 LLAMA = "LlamaForCausalLM"
@@ -171,7 +172,7 @@ def test_builder_output_becomes_progress(caplog, tmp_path: Path) -> None:
     """The builder's own lines (layers read, tensors saved) drive the build's progress."""
     import logging
 
-    from tasks.backends.onnx_genai import BuilderProgress
+    from tasks.backends.onnx_genai.builder import BuilderProgress
 
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
     progress = BuilderProgress("build onnx-fp32", tmp_path)

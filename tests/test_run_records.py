@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftd import run_records
+from flows import run_records
 from ftd.config import load_config
 from ftd.store import Store
 from tests.conftest import DEFAULT_CONFIG, ROOT

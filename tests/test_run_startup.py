@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ftd import environment, preflight
+from flows import preflight
+from ftd import environment
 from ftd.config import load_config
 from tests.conftest import DEFAULT_CONFIG
 

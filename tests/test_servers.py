@@ -29,7 +29,7 @@ def test_server_command_starts_both_uis_and_stops_cleanly(tmp_path: Path) -> Non
     prefect_port, mlflow_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ftd.cli", "server", "--artifacts-dir", str(tmp_path / "artifacts"),
+        [sys.executable, "-m", "app.cli", "server", "--artifacts-dir", str(tmp_path / "artifacts"),
          "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip

@@ -144,7 +144,7 @@ def test_verify_finds_a_flipped_bit_and_repair_removes_the_artifact(tmp_path: Pa
     assert store.has("engine", "k1")
 
     def verify(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ftd.cli", "verify", "--artifacts-dir", str(tmp_path), *extra],
+        return subprocess.run([sys.executable, "-m", "app.cli", "verify", "--artifacts-dir", str(tmp_path), *extra],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
     found = verify()

@@ -40,7 +40,7 @@ def run_sweep(sweep: Path, tmp_path: Path) -> dict:
     """`ftd sweep SWEEP --summary`, as a user runs it; the summary it wrote."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     summary_path = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "ftd.cli", "sweep", str(sweep), "--summary", str(summary_path)],
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "sweep", str(sweep), "--summary", str(summary_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(summary_path.read_text())

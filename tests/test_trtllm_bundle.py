@@ -1,4 +1,4 @@
-"""The TensorRT-LLM + Triton bundle (tasks/trtllm/), built and checked on CPU.
+"""The TensorRT-LLM + Triton bundle (tasks/backends/tensorrt_llm/), built and checked on CPU.
 
 Two adapters of different ranks on the builtin tiny Llama go through the real stage functions:
 conversion, the (skipped) engine build, bundle writing and its verification. Then copies of the
@@ -21,11 +21,11 @@ import torch
 from ftd.config import TargetConfig
 from ftd.errors import ConfigError, FtdError
 from ftd.store import Artifact, Store
-from tasks.backends import get_backend
+from tasks.backends.registry import get_backend
+from tasks.backends.tensorrt_llm import lora as trt
+from tasks.backends.tensorrt_llm import stages, triton
+from tasks.backends.tensorrt_llm.verify import verify_bundle
 from tasks.base_model import model_dir, parse_base, resolve_base
-from tasks.trtllm import lora as trt
-from tasks.trtllm import stages, triton
-from tasks.trtllm.verify import verify_bundle
 from tests.test_trtllm_lora import make_peft
 
 ADAPTERS = {"wide": {"r": 8, "lora_alpha": 16}, "narrow": {"r": 4, "lora_alpha": 4, "use_rslora": True,

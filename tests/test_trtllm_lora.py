@@ -1,4 +1,4 @@
-"""PEFT → TensorRT-LLM LoRA conversion (tasks/trtllm/lora.py), checked against peft itself.
+"""PEFT → TensorRT-LLM LoRA conversion (tasks/backends/tensorrt_llm/lora.py), checked against peft itself.
 
 For every layer and module, the update the engine would apply — read back out of the converted
 `lora_weights` row by TensorRT-LLM's documented layout — must equal peft's own `get_delta_weight`.
@@ -14,7 +14,7 @@ import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from ftd.errors import FtdError
-from tasks.trtllm import lora as trt
+from tasks.backends.tensorrt_llm import lora as trt
 from tests.test_merge import LLAMA, PHI3_TARGETS, build_base, random_peft
 
 PHI3 = dict(LLAMA, pad_token_id=0)

@@ -1,0 +1,168 @@
+"""Check everything a run needs before any compute starts.
+
+Config schema errors are caught when the YAML is loaded; this module checks what the config
+*points at*: data files and their columns, the base model, target modules that the model really
+has, backends that exist and accept the architecture, and a reachable tracking server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftd import builtin_models
+from ftd.config import ExperimentConfig
+from ftd.errors import ConfigError, FtdError
+from tasks.backends.registry import get_backend
+from tasks.base_model import BaseSpec, parse_base
+from tasks.data import check_layout, read_rows
+
+SAMPLE_ROWS = 200
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: BaseSpec
+    architecture: str
+
+
+def preflight(cfg: ExperimentConfig) -> Plan:
+    spec = parse_base(cfg.base_model, cfg.revision)
+    for adapter in cfg.adapters:
+        for field, path in (("train", adapter.data.train), ("eval", adapter.data.eval)):
+            if path is None:
+                continue
+            rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
+            check_layout(rows, adapter.data, Path(path))
+    if spec.kind == "local":
+        from ftd.integrity import check_weight_dir
+
+        try:
+            check_weight_dir(Path(spec.name))
+        except FtdError as exc:
+            raise ConfigError(f"base_model: {exc}") from None
+    inspection_file, inspection = _cached_inspection(spec, cfg)
+    architecture, modules, model_config, shapes = inspection or _inspect_base(spec, cfg.trust_remote_code)
+    for adapter in cfg.adapters:
+        field, targets = f"adapters.{adapter.name}.lora.target_modules", adapter.lora.target_modules
+        if adapter.import_from is not None:
+            field = f"adapters.{adapter.name}.import_from"
+            targets = _imported_targets(adapter.import_from, field)
+        if adapter.import_from is not None:
+            from tasks.adapter_import import header_shapes_fit
+
+            header_shapes_fit(adapter.import_from, shapes, architecture, field)
+        unknown = [m for m in targets if m not in modules]
+        if unknown:
+            raise ConfigError(
+                f"{field}: {unknown} not in {architecture} (its linear modules: {', '.join(sorted(modules))})"
+            )
+    summaries = [_adapter_summary(a) for a in cfg.adapters]
+    for target in cfg.targets:
+        get_backend(target.backend).validate(target, architecture, model_config, summaries)
+    if inspection is None and inspection_file is not None:  # only once every check has passed
+        _save_inspection(inspection_file, architecture, modules, model_config, shapes)
+    return Plan(base=spec, architecture=architecture)
+
+
+def _cached_inspection(spec: BaseSpec, cfg: ExperimentConfig) -> tuple[Path | None, tuple | None]:
+    """The base model's inspection from an earlier run, keyed by the config's content.
+
+    Inspecting builds a meta-device model, which means importing transformers' modeling code: ~4 s
+    that a rerun would otherwise pay before it can find that every step is cached. The key is the
+    model config's bytes (or the builtin's code), transformers' version and trust_remote_code;
+    a hub model's config must be fetched for it, so hub bases are always inspected."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from ftd.store import code_version
+
+    if spec.kind == "builtin":
+        content = f"{spec.name}:{code_version(builtin_models.__file__)}".encode()
+    elif spec.kind == "local" and (Path(spec.name) / "config.json").is_file():
+        content = (Path(spec.name) / "config.json").read_bytes()
+    else:
+        return None, None
+    key = hashlib.sha256(b"\0".join([content, version("transformers").encode(), str(cfg.trust_remote_code).encode()]))
+    path = Path(cfg.artifacts_dir) / "cache" / "preflight" / f"{key.hexdigest()[:24]}.json"
+    try:
+        data = json.loads(path.read_text())
+        shapes = {name: tuple(shape) for name, shape in data["shapes"].items()}
+        return path, (data["architecture"], set(data["modules"]), data["config"], shapes)
+    except (OSError, ValueError, KeyError):
+        return path, None
+
+
+def _save_inspection(path: Path, architecture: str, modules: set[str], config: dict, shapes: dict) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    record = {"architecture": architecture, "modules": sorted(modules), "config": config, "shapes": shapes}
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)
+
+
+def _adapter_summary(adapter) -> dict:
+    """Name, target modules and largest rank, from the config (trained) or adapter_config.json (imported)."""
+    if adapter.import_from is None:
+        return {"name": adapter.name, "modules": list(adapter.lora.target_modules), "max_rank": adapter.lora.r}
+    import json
+
+    config = json.loads((Path(adapter.import_from) / "adapter_config.json").read_text())
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    targets = config.get("target_modules") or []
+    return {"name": adapter.name, "modules": [] if isinstance(targets, str) else list(targets), "max_rank": max(ranks)}
+
+
+def _imported_targets(path: Path, field: str) -> list[str]:
+    import json
+
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{field}: {path} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        targets = json.loads(config_file.read_text()).get("target_modules") or []
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid JSON ({exc.msg})") from None
+    # A regex (str) cannot be listed here; the import stage checks every tensor's shape instead.
+    return [] if isinstance(targets, str) else list(targets)
+
+
+def _inspect_base(spec: BaseSpec, trust_remote_code: bool) -> tuple[str, set[str], dict, dict]:
+    """Architecture, linear-module names, the config as a dict and every weight's shape, from the
+    config alone (a meta-device model: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.kind == "builtin":
+        config = builtin_models.make_config(builtin_models.BUILTINS[spec.name])
+    else:
+        source = spec.name
+        if spec.kind == "hub":
+            source = _fetch_config(spec)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    modules = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+    architecture = (config.architectures or [type(model).__name__])[0]
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items() if p.ndim == 2}
+    return architecture, modules, {**config.to_dict(), "architectures": [architecture]}, shapes
+
+
+def _fetch_config(spec: BaseSpec) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(Path(hf_hub_download(spec.name, "config.json", revision=spec.revision)).parent)
+    except Exception as exc:
+        raise FtdError(
+            f"base_model: cannot read {spec.name!r} from the hub ({type(exc).__name__}); "
+            "check the id, your network, or use a local directory"
+        ) from None

@@ -1,0 +1,113 @@
+"""What a run registers, and under which tags: the one owner of the registration rules and of the
+`ftd.*` tag schema. Every MLflow call goes through `ftd.tracking.Tracker`.
+
+Rules:
+- An adapter is registered when none of its deployments failed its gate.
+- A merged engine is registered when its deployment passed (or is verified only: a bundle written
+  and checked here whose engine cannot run here) and its adapter was registered.
+- A bundle serving several adapters is all or nothing: registered once, only when every adapter's
+  deployment is registrable and every adapter was registered.
+"""
+
+from __future__ import annotations
+
+from ftd.config import ExperimentConfig, TargetConfig
+from ftd.store import Artifact, Store
+from ftd.tracking import Tracker
+from tasks.backends.base import AdapterChain, Deployment, Status
+from tasks.sft import LOSS_CURVE, adapter_dir
+
+
+def lineage_tags(cfg: ExperimentConfig, base: Artifact) -> dict:
+    return {"ftd.base_key": base.key, "ftd.base_source": base.meta.get("source"), "ftd.experiment": cfg.experiment}
+
+
+def adapter_tags(cfg: ExperimentConfig, base: Artifact, chain: AdapterChain) -> dict:
+    return {**lineage_tags(cfg, base), "ftd.adapter": chain.name, "ftd.data_key": chain.data.key,
+            "ftd.eval_accuracy": chain.reference.meta["adapter"]["accuracy"]}  # fmt: skip
+
+
+def engine_tags(
+    cfg: ExperimentConfig, base: Artifact, target: TargetConfig, group: list[Deployment],
+    chains: dict[str, AdapterChain], adapter_versions: dict[str, str],
+) -> dict:  # fmt: skip
+    """Lineage, each adapter's registered version and keys, and each adapter's gate metrics (or why
+    it was not gated); a bundle's CPU checks."""
+    tags = {**lineage_tags(cfg, base), "ftd.mode": target.mode, "ftd.backend": target.backend,
+            "ftd.precision": target.precision, "ftd.adapters": ",".join(d.adapter for d in group),
+            "ftd.adapter_version": ",".join(adapter_versions[d.adapter] for d in group),
+            "ftd.adapter_key": ",".join(chains[d.adapter].adapter.key for d in group),
+            "ftd.data_key": ",".join(chains[d.adapter].data.key for d in group)}  # fmt: skip
+    for d in group:
+        prefix = f"ftd.smoke.{d.adapter}" if len(group) > 1 else "ftd.smoke"
+        if d.smoke is None:
+            tags[prefix] = f"skipped: {d.reason}"
+        else:
+            tags.update({f"{prefix}.{k}": v for k, v in d.smoke.meta["metrics"].items()})
+    engine = group[0].engine
+    if "checks" in engine.meta:
+        tags.update({f"ftd.check.{k}": v for k, v in engine.meta["checks"].items()})
+        tags["ftd.engine_built"] = engine.meta.get("engine_built")
+    return tags
+
+
+def registrable_groups(target: TargetConfig, deployments: list[Deployment], adapters: list[str],
+                       registered_adapters: set[str]) -> list[list[Deployment]]:  # fmt: skip
+    """The versions to register for one target: one group per merged engine, or the bundle as one
+    group (all or nothing)."""
+    mine = [d for d in deployments if d.target.name == target.name and d.registrable]
+    if target.mode == "multi_lora":
+        everyone = len(mine) == len(adapters) and all(d.adapter in registered_adapters for d in mine)
+        return [mine] if mine and everyone else []
+    return [[d] for d in mine if d.adapter in registered_adapters]
+
+
+def log_and_register(
+    cfg: ExperimentConfig, tracker: Tracker, store: Store, base: Artifact, chains: list[AdapterChain],
+    deployments: list[Deployment],
+) -> list[dict]:  # fmt: skip
+    """Metrics for every stage; registry versions only for what the rules above allow."""
+    registered: list[dict] = []
+    adapter_versions: dict[str, str] = {}
+    for chain in chains:
+        _log_adapter(tracker, store, chain, [d for d in deployments if d.adapter == chain.name])
+        if any(d.status is Status.FAILED for d in deployments if d.adapter == chain.name):
+            continue
+        name = cfg.tracking.adapter_model.format(experiment=cfg.experiment, adapter=chain.name, target="")
+        version = tracker.register(name, adapter_dir(chain.adapter, store), f"adapters/{chain.name}", chain.adapter.key,
+                                   adapter_tags(cfg, base, chain))  # fmt: skip
+        adapter_versions[chain.name] = f"{version['name']}/{version['version']}"
+        registered.append({"kind": "adapter", "item": chain.name, **version})
+    by_name = {c.name: c for c in chains}
+    for target in cfg.targets:
+        for group in registrable_groups(target, deployments, list(by_name), set(adapter_versions)):
+            item = target.name if target.mode == "multi_lora" else f"{group[0].adapter}/{target.name}"
+            name = cfg.tracking.engine_model.format(experiment=cfg.experiment, adapter=group[0].adapter,
+                                                    target=target.name)  # fmt: skip
+            engine = group[0].engine
+            tags = engine_tags(cfg, base, target, group, by_name, adapter_versions)
+            version = tracker.register(name, engine.path(store), f"engines/{item}", engine.key, tags)
+            registered.append({"kind": "engine", "item": item, **version})
+    return registered
+
+
+def _log_adapter(tracker: Tracker, store: Store, chain: AdapterChain, mine: list[Deployment]) -> None:
+    sft_meta, ref_meta = chain.adapter.meta, chain.reference.meta
+    if sft_meta.get("loss_curve"):
+        tracker.log_curve(f"{chain.name}.train_loss", sft_meta["loss_curve"], chain.adapter.path(store) / LOSS_CURVE)
+    tracker.log_metrics({
+        f"{chain.name}.train_seconds": sft_meta.get("train_seconds"),
+        f"{chain.name}.tokens_per_second": sft_meta.get("tokens_per_second"),
+        f"{chain.name}.eval_accuracy_before": (ref_meta.get("base") or {}).get("accuracy"),
+        f"{chain.name}.eval_accuracy_after": ref_meta["adapter"]["accuracy"],
+    })  # fmt: skip
+    for d in mine:
+        prefix = f"{chain.name}.{d.target.name}"
+        if d.smoke is not None:
+            tracker.log_metrics({f"{prefix}.build_seconds": d.engine.meta.get("build_seconds")})
+            tracker.log_metrics({f"{prefix}.{k}": v for k, v in d.smoke.meta["metrics"].items()})
+            tracker.log_text((d.smoke.path(store) / "report.md").read_text(), f"smoke/{chain.name}/{d.target.name}.md")
+        if d.failure:
+            tracker.log_text(str(d.failure), f"smoke/{chain.name}/{d.target.name}.FAILED.txt")
+        if d.status in (Status.SKIPPED, Status.VERIFIED_ONLY):
+            tracker.set_tag(f"ftd.skipped.{prefix}", d.reason)

@@ -1,0 +1,126 @@
+"""The backend contract: what pre-flight asks of every backend, how a deployment's status is
+decided, the registration rules and the report — and a backend defined outside ftd
+(tests/fake_backend.py) going through the real CLI, flow, gate, registry and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import registration, report
+from ftd.config import TargetConfig
+from ftd.errors import ConfigError, GateFailed
+from ftd.store import Artifact
+from tasks.backends.base import Backend, Deployment, Status
+from tasks.backends.registry import get_backend, known, register, unregister
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def echo():
+    from tests import fake_backend
+
+    register(fake_backend.EchoTorch())  # importing it registers it too, but only the first time
+    yield get_backend("echo_torch")
+    unregister("echo_torch")
+
+
+def target(**fields) -> TargetConfig:
+    return TargetConfig(**{"name": "t", "backend": "echo_torch", "precision": "fp32", **fields})
+
+
+def test_validate_names_the_backend_and_what_it_accepts(echo) -> None:
+    echo.validate(target(), "LlamaForCausalLM", {}, [])
+    with pytest.raises(ConfigError, match=r"targets\.t\.mode: echo_torch supports merged, not multi_lora"):
+        echo.validate(target(mode="multi_lora"), "LlamaForCausalLM", {}, [])
+    with pytest.raises(ConfigError, match=r"targets\.t\.options: unknown key `copy_tokeniser`"):
+        echo.validate(target(options={"copy_tokeniser": False}), "LlamaForCausalLM", {}, [])
+    with pytest.raises(ConfigError, match="takes no options"):
+        get_backend("mindspore").options(target(backend="mindspore", options={"x": 1}))
+    assert "echo_torch" in known()
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: accessory, dashinfer, echo_torch"):
+        get_backend("nope")
+
+
+def test_a_deployment_status_comes_from_the_artifact_and_the_machine(echo, monkeypatch) -> None:
+    built = Artifact(stage="engine", key="k")
+    skipped = Artifact(stage="engine", key="k", meta={"skipped": True, "reason": "needs a GPU"})
+    assert echo.deployment(target(), "a", built).status is Status.READY
+    assert (echo.deployment(target(), "a", skipped).status, echo.deployment(target(), "a", skipped).reason) == (
+        Status.SKIPPED, "needs a GPU")  # fmt: skip
+    monkeypatch.setattr(type(echo), "smoke_unavailable_reason", lambda self, t: "no NPU here")
+    verified = echo.deployment(target(), "a", built)
+    assert (verified.status, verified.reason, verified.registrable, verified.complete) == (
+        Status.VERIFIED_ONLY, "no NPU here", True, False)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="builds no engine"):
+        Backend().build(Path("."), target(), Path("."))
+
+
+def deployment(adapter: str, status: Status, mode: str = "merged", name: str = "t") -> Deployment:
+    return Deployment(target(mode=mode, name=name), adapter, Artifact(stage="engine", key=adapter), status)
+
+
+def test_registration_rules() -> None:
+    merged = target()
+    ds = [deployment("a", Status.PASSED), deployment("b", Status.FAILED), deployment("c", Status.VERIFIED_ONLY),
+          deployment("d", Status.SKIPPED)]  # fmt: skip
+    groups = registration.registrable_groups(merged, ds, ["a", "b", "c", "d"], {"a", "c", "d"})
+    assert [[d.adapter for d in g] for g in groups] == [["a"], ["c"]]  # failed, skipped: never
+    assert registration.registrable_groups(merged, ds, ["a", "c"], {"c"}) == [[ds[2]]]  # adapter not registered
+    bundle = target(mode="multi_lora", name="b")
+    both = [deployment("a", Status.PASSED, "multi_lora", "b"), deployment("b", Status.PASSED, "multi_lora", "b")]
+    assert registration.registrable_groups(bundle, both, ["a", "b"], {"a", "b"}) == [both]
+    one_failed = [both[0], deployment("b", Status.FAILED, "multi_lora", "b")]
+    assert registration.registrable_groups(bundle, one_failed, ["a", "b"], {"a", "b"}) == []  # all or nothing
+    assert registration.registrable_groups(bundle, both, ["a", "b"], {"a"}) == []
+
+
+def test_report_line_per_status() -> None:
+    checked = Deployment(target(), "a", Artifact(stage="b", key="k", meta={"checks": {"max_delta": 1e-7}}),
+                         Status.VERIFIED_ONLY, "needs Triton")  # fmt: skip
+    failed = deployment("a", Status.FAILED)
+    failed.failure = GateFailed("parity gate failed for target t: agreement 0.5 < 0.95", {})
+    lines = {
+        "passed": report._outcome_line(deployment("a", Status.PASSED)),
+        "skipped": report._outcome_line(Deployment(target(), "a", Artifact(stage="e", key="-"), Status.SKIPPED, "no GPU")),
+        "verified": report._outcome_line(checked),
+        "failed": report._outcome_line(failed),
+    }  # fmt: skip
+    assert lines["passed"] == "  - t: gate passed"
+    assert lines["skipped"] == "  - t: skipped — no GPU"
+    assert lines["verified"] == "  - t: bundle built and verified on CPU (max delta: 1.0e-07); smoke test skipped — needs Triton"
+    assert "**parity gate failed**" in lines["failed"] and "agreement 0.5 < 0.95" in lines["failed"]
+
+
+@pytest.mark.e2e
+def test_a_backend_from_outside_goes_through_the_real_flow(tmp_path: Path) -> None:
+    """One new module + one `register` call: pre-flight, the flow's deploy, the gate, the registry
+    and the report handle it; nothing in ftd names it."""
+    artifacts, summary_path = tmp_path / "artifacts", tmp_path / "summary.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    code = "import sys, tests.fake_backend; from app.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "run", str(ROOT / "configs" / "tiny-llama.yaml"),
+         "--set", f"artifacts_dir={artifacts}", "--set", "targets.0={name: echo, backend: echo_torch, precision: fp32}",
+         "--summary", str(summary_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["metrics"]["numbers.echo.agreement.merged_vs_engine"] == 1.0
+    assert summary["metrics"]["numbers.echo.max_logit_diff.merged_vs_engine"] == 0.0
+    engines = [r for r in summary["registered"] if r["kind"] == "engine"]
+    assert [(r["item"], r["name"]) for r in engines] == [("numbers/echo", "tiny-llama-echo")]
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    version = client.get_model_version("tiny-llama-echo", engines[0]["version"])
+    assert version.tags["ftd.backend"] == "echo_torch" and version.tags["ftd.smoke.agreement.merged_vs_engine"] == "1.0"
+    run_report = Path(client.download_artifacts(summary["mlflow_run_id"], "report.md", str(tmp_path))).read_text()
+    assert "  - echo: gate passed" in run_report and "### Smoke test: numbers → echo" in run_report

@@ -13,6 +13,9 @@ from pathlib import Path
 from ftd import builtin_models
 from ftd.config import ExperimentConfig
 from ftd.errors import ConfigError, FtdError
+from ftd.integrity import check_weight_dir
+from ftd.store import code_version
+from tasks.adapter_import import header_shapes_fit
 from tasks.backends.registry import get_backend
 from tasks.base_model import BaseSpec, parse_base
 from tasks.data import check_layout, read_rows
@@ -35,8 +38,6 @@ def preflight(cfg: ExperimentConfig) -> Plan:
             rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
             check_layout(rows, adapter.data, Path(path))
     if spec.kind == "local":
-        from ftd.integrity import check_weight_dir
-
         try:
             check_weight_dir(Path(spec.name))
         except FtdError as exc:
@@ -49,8 +50,6 @@ def preflight(cfg: ExperimentConfig) -> Plan:
             field = f"adapters.{adapter.name}.import_from"
             targets = _imported_targets(adapter.import_from, field)
         if adapter.import_from is not None:
-            from tasks.adapter_import import header_shapes_fit
-
             header_shapes_fit(adapter.import_from, shapes, architecture, field)
         unknown = [m for m in targets if m not in modules]
         if unknown:
@@ -75,8 +74,6 @@ def _cached_inspection(spec: BaseSpec, cfg: ExperimentConfig) -> tuple[Path | No
     import hashlib
     import json
     from importlib.metadata import version
-
-    from ftd.store import code_version
 
     if spec.kind == "builtin":
         content = f"{spec.name}:{code_version(builtin_models.__file__)}".encode()

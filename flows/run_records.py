@@ -34,6 +34,7 @@ from typing import Any
 
 from ftd.config import ExperimentConfig
 from ftd.store import Store, digest, file_digest, tree_digest
+from tasks.base_model import builtin_key, parse_base, weights_digest
 
 RECORDS = "run-records"
 SOURCE_DIRS = ("ftd", "tasks", "flows", "app")
@@ -44,7 +45,6 @@ def fingerprint_parts(cfg: ExperimentConfig, tracking_uri: str) -> dict[str, str
     """Everything the run's outputs depend on, one digest per kind of input (their hash names the
     record; the parts are kept in it, so a miss can be explained). None when that cannot be known
     cheaply: a hub model that is not pinned to a commit."""
-    from tasks.base_model import builtin_key, parse_base, weights_digest
 
     spec = parse_base(cfg.base_model, cfg.revision)
     if spec.kind == "builtin":

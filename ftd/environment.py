@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ftd.store import file_lock
+
 
 def configure_environment(artifacts_dir: Path) -> None:
     """Defaults that keep Prefect's state and results inside the artifacts folder, offline.
@@ -32,8 +34,6 @@ def prepare_local_stores(artifacts_dir: Path, tracking_uri: str) -> None:
     locking is enough for the runs' writes. A marker records the library versions that migrated
     them, so later runs skip the ~3 s of schema checks until Prefect or MLflow is upgraded."""
     import asyncio
-
-    from ftd.store import file_lock
 
     if stores_ready(artifacts_dir, tracking_uri):
         return

@@ -8,6 +8,7 @@ the task runs again instead of returning a path that no longer exists.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -20,17 +21,33 @@ from ftd.store import Artifact, Store
 
 
 class StageTask:
-    """A pure stage function declared as a cached Prefect task.
+    """A pure stage function declared as a cached Prefect task, once.
 
-    `key_fn(parameters)` returns the artifact key, or None when the result must not be cached
-    (e.g. a build that will be skipped on this machine). The Prefect task itself is made on first
-    use: backends declare their stages when they are imported, and pre-flight imports every
-    backend; importing Prefect there would add ~1.5 s to `ftd validate` and to the up-to-date check."""
+    `key` is the stage's own key function (the one the stage itself stores its artifact under):
+    it is called with the task's arguments of the same names, so the Prefect cache key and the
+    store key are one computation, and a key parameter the stage does not take is an error when
+    the task is declared (they cannot drift apart). It returns None when the result must not be
+    cached; `skip_reason` (same binding) returning a reason also means "not cached": a step that is
+    skipped on this machine must run where it can. The Prefect task itself is made on first use:
+    backends declare their stages when they are imported, and pre-flight imports every backend a
+    config names; importing Prefect there would add ~1.5 s to `ftd validate` and the up-to-date check."""
 
-    def __init__(self, fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str):
-        self.fn, self.stage, self.key_fn, self.run_name = fn, stage, key_fn, run_name
+    def __init__(self, fn: Callable[..., Artifact], stage: str, key: Callable[..., str | None], run_name: str,
+                 skip_reason: Callable[..., str | None] | None = None):  # fmt: skip
+        taken = set(inspect.signature(fn).parameters)
+        for part in (key, skip_reason):
+            unknown = set(inspect.signature(part).parameters) - taken if part else set()
+            if unknown:
+                raise TypeError(f"stage {stage}: {part.__name__} takes {sorted(unknown)}, which {fn.__name__} does not")
+        self.fn, self.stage, self.key, self.run_name, self.skip_reason = fn, stage, key, run_name, skip_reason
         self._task = None
         self._lock = threading.Lock()
+
+    def key_of(self, parameters: dict) -> str | None:
+        """The artifact key for these task arguments, or None: not cached."""
+        if self.skip_reason is not None and self.skip_reason(**_bound(self.skip_reason, parameters)):
+            return None
+        return self.key(**_bound(self.key, parameters))
 
     @property
     def prefect(self):
@@ -47,10 +64,10 @@ class StageTask:
         from prefect import task
         from prefect.states import Completed
 
-        stage, key_fn, fn = self.stage, self.key_fn, self.fn
+        stage, fn = self.stage, self.fn
 
         def cache_key(context, parameters: dict) -> str | None:
-            key = key_fn(parameters)
+            key = self.key_of(parameters)
             if key is None:
                 return None
             store: Store = parameters["store"]
@@ -72,10 +89,14 @@ class StageTask:
         )  # fmt: skip
 
 
-def stage_task(
-    fn: Callable[..., Artifact], stage: str, key_fn: Callable[[dict], str | None], run_name: str
-) -> StageTask:
-    return StageTask(fn, stage, key_fn, run_name)
+def _bound(fn: Callable, parameters: dict) -> dict:
+    """The arguments `fn` takes, by name, from a task's parameters (a missing one is a TypeError)."""
+    return {name: parameters[name] for name in inspect.signature(fn).parameters if name in parameters}
+
+
+def stage_task(fn: Callable[..., Artifact], stage: str, key: Callable[..., str | None], run_name: str,
+               skip_reason: Callable[..., str | None] | None = None) -> StageTask:  # fmt: skip
+    return StageTask(fn, stage, key, run_name, skip_reason)
 
 
 def results_dir() -> Path:

@@ -18,6 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftd.environment import configure_environment, stores_ready
 from ftd.errors import FtdError
 
 HOST = "127.0.0.1"
@@ -32,7 +33,6 @@ class Server:
 
 
 def start_servers(artifacts_dir: Path, prefect_port: int, mlflow_port: int, log_dir: Path) -> list[Server]:
-    from ftd.environment import configure_environment
 
     artifacts_dir = Path(artifacts_dir).resolve()
     artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +109,6 @@ def start_run_api_server(artifacts_dir: Path, tracking_uri: str) -> Callable[[],
     import atexit
     import socket
     from importlib.util import find_spec
-
-    from ftd.environment import stores_ready
 
     if os.environ.get("PREFECT_API_URL") or not stores_ready(artifacts_dir, tracking_uri):
         return None

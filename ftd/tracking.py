@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from ftd.config import ExperimentConfig, flatten
 from ftd.errors import FtdError
+from ftd.store import digest, file_lock
 
 T = TypeVar("T")
 KEY_TAG = "ftd.key"
@@ -208,7 +209,6 @@ class Tracker:
         return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
 
     def _registry_lock(self, model_name: str):
-        from ftd.store import digest, file_lock
 
         name = digest(self.uri, model_name, length=16)
         return file_lock(Path(self.cfg.artifacts_dir).resolve() / "locks" / f"registry-{name}.lock")

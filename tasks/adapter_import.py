@@ -13,11 +13,13 @@ import shutil
 from pathlib import Path
 
 from ftd.config import AdapterConfig
-from ftd.errors import FtdError
+from ftd.errors import ConfigError, FtdError
+from ftd.integrity import check_safetensors
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key, tree_digest
 from tasks.base_model import model_dir
-from tasks.merge import TOKENIZER_FILES, module_scale, read_adapter, weight_shapes
-from tasks.sft import STAGE
+from tasks.merge import LORA_KEY, TOKENIZER_FILES, module_scale, read_adapter, weight_shapes
+from tasks.modeling import load_tokenizer
+from tasks.sft import BASE_RECORD, STAGE
 
 
 def import_key(base: Artifact, adapter: AdapterConfig) -> str:
@@ -35,8 +37,6 @@ def import_adapter(base: Artifact, adapter: AdapterConfig, store: Store) -> Arti
 
     def build(tmp: Path) -> dict:
         from safetensors.torch import save_file
-
-        from tasks.modeling import load_tokenizer
 
         config, pairs = read_adapter(source)
         check_fits_base(pairs, model_dir(base), source, base.meta.get("source", "the base model"))
@@ -70,7 +70,6 @@ def import_adapter(base: Artifact, adapter: AdapterConfig, store: Store) -> Arti
 def check_base_record(adapter: AdapterConfig, base: Artifact) -> None:
     """An adapter ftd trained carries `ftd-base.json`: refuse it on any other base, even one of the
     same shapes (a retrained or different checkpoint of the same architecture)."""
-    from tasks.sft import BASE_RECORD
 
     if adapter.import_from is None or not (Path(adapter.import_from) / BASE_RECORD).is_file():
         return
@@ -89,9 +88,6 @@ def header_shapes_fit(
 ) -> None:
     """Pre-flight: the adapter's LoRA shapes (from its safetensors header, no weights read) against
     the base model's weight shapes."""
-    from ftd.errors import ConfigError
-    from ftd.integrity import check_safetensors
-    from tasks.merge import LORA_KEY
 
     file = Path(adapter_path) / "adapter_model.safetensors"
     if not file.is_file():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ftd import builtin_models
 from ftd.errors import ConfigError, FtdError
+from ftd.integrity import check_weight_dir
 from ftd.store import Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
 
 STAGE = "base"
@@ -56,7 +57,6 @@ def resolve_base(spec: BaseSpec, store: Store) -> Artifact:
     if spec.kind == "builtin":
         return _build_builtin(spec.name, store)
     model_dir = Path(spec.name) if spec.kind == "local" else _download(spec)
-    from ftd.integrity import check_weight_dir
 
     check_weight_dir(model_dir)  # before hashing: a truncated download is named, not trained on
     content = weights_digest(model_dir, store)

@@ -28,10 +28,15 @@ def build_key(merged: Artifact, target: TargetConfig) -> str:
     )
 
 
+def target_unavailable(target: TargetConfig) -> str | None:
+    """Why this target cannot be built on this machine (its backend's word), or None."""
+    return get_backend(target.backend).unavailable_reason(target)
+
+
 def build_engine(merged: Artifact, target: TargetConfig, store: Store) -> Artifact:
     backend = get_backend(target.backend)
     key = build_key(merged, target)
-    reason = backend.unavailable_reason(target)
+    reason = target_unavailable(target)
     if reason:
         return Artifact(stage=STAGE, key=key, meta={"skipped": True, "reason": reason, "target": target.name})
 

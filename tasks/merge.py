@@ -24,8 +24,10 @@ from pathlib import Path
 
 from ftd.config import MergeSettings
 from ftd.errors import FtdError
+from ftd.integrity import check_safetensors
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
 from tasks.base_model import model_dir
+from tasks.sft import adapter_dir
 
 STAGE = "merged"
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -89,8 +91,6 @@ def load_adapter_tensors(adapter_path: Path) -> dict:
 
     st = adapter_path / "adapter_model.safetensors"
     if st.is_file():
-        from ftd.integrity import check_safetensors
-
         check_safetensors(st)
         return load_file(st)
     legacy = adapter_path / "adapter_model.bin"
@@ -122,7 +122,6 @@ def merge_key(base: Artifact, adapter: Artifact, settings: MergeSettings) -> str
 
 
 def merge_adapter(base: Artifact, adapter: Artifact, settings: MergeSettings, store: Store) -> Artifact:
-    from tasks.sft import adapter_dir
 
     def build(tmp: Path) -> dict:
         return stream_merge(model_dir(base), adapter_dir(adapter, store), tmp, settings)
@@ -250,8 +249,6 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         import struct
-
-        from ftd.integrity import check_safetensors
 
         check_safetensors(path)  # a truncated or corrupted shard fails here, naming the file
         self.file = open(path, "rb")  # noqa: SIM115 (closed in __exit__)

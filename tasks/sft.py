@@ -19,8 +19,10 @@ from ftd import termination
 from ftd.config import AdapterConfig
 from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key
+from ftd.tracking import render_loss_curve
 from tasks.base_model import model_dir
 from tasks.data import load_split
+from tasks.logged_command import BuildLog
 from tasks.modeling import load_model, load_tokenizer, resolve_dtype
 
 STAGE = "adapter"
@@ -61,8 +63,6 @@ def train_adapter(
                 meta = _train(base, data, adapter, store, trust_remote_code, tmp, checkpoints)
         (tmp / "adapter" / BASE_RECORD).write_text(json.dumps(base_record(base), indent=2))
         if meta["loss_curve"]:
-            from ftd.tracking import render_loss_curve
-
             render_loss_curve(meta["loss_curve"], f"{adapter.name}.train_loss", tmp / LOSS_CURVE)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is complete: nothing left to resume
         return meta
@@ -254,8 +254,6 @@ def _train_distributed(
     (`python -m torch.distributed.run --standalone`); the Trainer sets up DDP from torchrun's
     environment (NCCL on GPUs, gloo on CPU). Rank 0 writes the adapter and the metadata."""
     import sys
-
-    from tasks.logged_command import BuildLog
 
     job = out / "distributed-job.json"
     job.write_text(json.dumps({

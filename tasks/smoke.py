@@ -23,6 +23,8 @@ from tasks.backends.registry import get_backend
 from tasks.backends.runtime import Generation
 from tasks.base_model import model_dir
 from tasks.data import load_split
+from tasks.modeling import eos_token_ids, load_model, load_tokenizer
+from tasks.sft import adapter_dir
 
 REFERENCE, SMOKE = "reference", "smoke"
 REFERENCE_MODELS = ("base", "adapter", "merged")
@@ -104,15 +106,12 @@ def reference_outputs(
     base: Artifact, adapter: Artifact, merged: Artifact, data: Artifact, settings: SmokeSettings, store: Store,
     trust_remote_code: bool = False,
 ) -> Artifact:  # fmt: skip
-    from tasks.sft import adapter_dir
 
     def build(tmp: Path) -> dict:
         import time
 
         import torch
         from peft import PeftModel
-
-        from tasks.modeling import eos_token_ids, load_model, load_tokenizer
 
         device = reference_device()
         started = time.perf_counter()
@@ -206,8 +205,6 @@ def smoke_test(
     reference: Artifact, engine: Artifact, adapter: Artifact, target: TargetConfig, settings: SmokeSettings,
     store: Store,
 ) -> Artifact:  # fmt: skip
-    from tasks.modeling import load_tokenizer
-    from tasks.sft import adapter_dir
 
     def build(tmp: Path) -> dict:
         ref_dir = reference.path(store)

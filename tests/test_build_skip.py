@@ -29,14 +29,14 @@ def test_cuda_target_is_skipped_with_reason(tmp_path: Path) -> None:
 
 
 def test_skipped_build_has_no_prefect_cache_key() -> None:
-    from tasks.orchestrated import _build_key
+    from tasks.orchestrated import build_task
 
     target = TargetConfig(name="onnx-cuda", precision="fp16", device="cuda")
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA")
-    assert _build_key({"target": target, "merged": Artifact(stage="merged", key="k")}) is None
+    assert build_task.key_of({"target": target, "merged": Artifact(stage="merged", key="k")}) is None
 
 
 @pytest.fixture

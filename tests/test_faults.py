@@ -82,6 +82,7 @@ def test_adapter_of_another_shape_is_refused_naming_both(tmp_path: Path):
     assert "trained on another base model" in line and not (artifacts / "store").exists()
 
 
+@pytest.mark.e2e  # over 15 s: real processes
 def test_adapter_recorded_on_another_base_is_refused_before_training(tmp_path: Path):
     adapter = tmp_path / "adapter"
     shutil.copytree(IMPORTED, adapter)  # same shapes as tiny-llama ...

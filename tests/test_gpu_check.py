@@ -8,9 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e  # over 15 s: real processes
 def test_gpu_check_tiny_runs_every_stage_on_cpu(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)

@@ -135,6 +135,7 @@ def test_sft_does_not_depend_on_the_random_state_before_it(tmp_path: Path) -> No
     assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
 
 
+@pytest.mark.e2e  # over 15 s: real processes
 def test_two_process_sft_trains_one_adapter(tmp_path: Path) -> None:
     """`sft.num_processes: 2` runs SFT under torchrun (gloo on CPU): two data-parallel ranks, one
     adapter written by rank 0, stored like any other."""

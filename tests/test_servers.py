@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -25,6 +27,7 @@ def _get(url: str) -> int:
         return response.status
 
 
+@pytest.mark.e2e  # over 15 s: real processes
 def test_server_command_starts_both_uis_and_stops_cleanly(tmp_path: Path) -> None:
     prefect_port, mlflow_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ftd.errors import FtdError
+from tasks.backends.runtime import Generation
 
 STOP_SIGNAL = "###"  # the default conversation's separator; Accessory's response_end_signal is "\n###"
 ALPACA_NO_INPUT = (
@@ -332,7 +333,6 @@ class AccessoryLlama(torch.nn.Module):
 
     def generation(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]):
         """The smoke test's `Engine.greedy` contract: tokens plus each step's logits."""
-        from tasks.backends.runtime import Generation
 
         ids, new, logits = list(prompt_ids), [], []
         for _ in range(max_new_tokens):

@@ -142,8 +142,5 @@ class DashInferEngine:
         return [Generation(tokens=t, logits=None) for t in tokens]
 
 
-lora_task = stage_task(
-    lora_bundle.assemble, lora_bundle.STAGE, lambda p: lora_bundle.bundle_key(p["base"], p["adapters"], p["target"]),
-    "dashinfer-lora[{target.name}]",
-)  # fmt: skip
+lora_task = stage_task(lora_bundle.assemble, lora_bundle.STAGE, lora_bundle.bundle_key, "dashinfer-lora[{target.name}]")
 BACKEND = DashInfer()

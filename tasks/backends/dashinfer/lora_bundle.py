@@ -23,6 +23,7 @@ from ftd.errors import FtdError
 from ftd.store import code_version, library_versions, link_or_copy, stage_key
 from tasks.backends.dashinfer.options import options_of
 from tasks.base_model import model_dir
+from tasks.merge import module_scale, read_adapter
 from tasks.sft import adapter_dir
 
 LAUNCH = "launch_dashinfer.py"
@@ -32,8 +33,6 @@ MANIFEST = "bundle.json"
 def rewrite_adapter(name: str, peft_dir: Path, out: Path) -> dict:
     """Write `out/adapter_config.json` + `out/adapter_model.bin` with plain alpha/r semantics."""
     import torch
-
-    from tasks.merge import module_scale, read_adapter
 
     try:
         config, pairs = read_adapter(peft_dir)
@@ -70,8 +69,6 @@ def rewrite_adapter(name: str, peft_dir: Path, out: Path) -> dict:
 def check_adapter(name: str, original: Path, rewritten: Path) -> float:
     """Reload the `.bin` safely and compare DashInfer's ΔW (alpha/r · B @ A) with the trained one."""
     import torch
-
-    from tasks.merge import module_scale, read_adapter
 
     loaded = torch.load(rewritten / "adapter_model.bin", map_location="cpu", weights_only=True)
     config = json.loads((rewritten / "adapter_config.json").read_text())

@@ -22,6 +22,7 @@ import struct
 from pathlib import Path
 
 from ftd.errors import FtdError
+from tasks.merge import SafetensorsReader, dtype_names, write_safetensors
 
 SAFETENSORS_NAME = "mindformers.safetensors"
 CKPT_NAME = "mindformers.ckpt"
@@ -134,7 +135,6 @@ def _shards(merged_dir: Path) -> list[Path]:
 
 def convert_to_mindformers(merged_dir: Path, out: Path, architecture: str, dtype: str = "auto") -> dict:
     """Write `out/mindformers.safetensors`, `out/predict_<arch>.yaml`, `out/tokenizer/` (+ `.ckpt` with mindspore)."""
-    from tasks.merge import SafetensorsReader, dtype_names, write_safetensors
 
     _check_architecture(architecture)
     if dtype != "auto" and dtype not in DTYPES:
@@ -204,8 +204,6 @@ def convert_to_mindformers(merged_dir: Path, out: Path, architecture: str, dtype
 def _round_trip(readers: list, converted: Path, architecture: str) -> None:
     """HF -> MindFormers -> HF (via `hf_name`) must give the same names, shapes and bits as the merged checkpoint."""
     import torch
-
-    from tasks.merge import SafetensorsReader
 
     expected = {n: r for r in readers for n, _, _ in r.specs() if not RECOMPUTED.match(n)}
     problems, names = [], {}

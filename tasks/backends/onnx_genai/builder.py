@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ftd.config import TargetConfig
 from ftd.errors import FtdError
+from ftd.progress import Progress
 from tasks.logged_command import BuildLog
 
 # (precision, device) pairs the builder accepts; the CPU ones can be built on this machine.
@@ -87,7 +88,6 @@ def _build_optimum(merged_dir: Path, target: TargetConfig, out: Path) -> dict:
         sys.executable, "-m", "optimum.exporters.onnx", "--model", str(merged_dir), "--task", OPTIMUM_TASK,
         "--library-name", "transformers", str(export_dir),
     ]  # fmt: skip
-    from ftd.progress import Progress
 
     progress = Progress(f"build {target.name} (optimum)", 2)  # optimum prints nothing to count
     progress.update(0, "exporting the graph")
@@ -254,7 +254,6 @@ class BuilderProgress:
     SAVED = re.compile(r"\|\s*(\d+)/(\d+) \[")
 
     def __init__(self, what: str, model_dir: Path):
-        from ftd.progress import Progress
 
         layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
         self.progress = Progress(what, 100, counted=False)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ftd.errors import FtdError
+from tasks.merge import module_scale
 
 # Base MatMuls of the builder's graphs: /model/layers.{i}/attn/qkv_proj/MatMul, .../mlp/up_proj/MatMul_Q4
 BASE_MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<module>\w+)/MatMul(?:_Q\d+)?$")
@@ -221,7 +222,6 @@ def adapter_arrays(specs: dict[str, dict], config: dict, pairs: dict, name: str)
 def _checked(pair, rows, out_features: int, a_spec: dict, config: dict, name: str) -> tuple:
     """One adapter module's A^T [in, r] and scaled B^T [r, out] (B's `rows` only, where given),
     refused when its shapes are not the graph projection's."""
-    from tasks.merge import module_scale
 
     module, r = a_spec["module"], pair.A.shape[0]
     if pair.A.shape[1] != a_spec["features"]:

@@ -191,11 +191,6 @@ class ActiveAdapter:
 
 # ---------------------------------------------------------------- the stages, as cached tasks
 
-graph_task = stage_task(
-    build_lora_graph, GRAPH, lambda p: graph_key(p["base"], p["modules"], p["target"]), "lora-graph[{target.name}]"
-)
-export_task = stage_task(
-    export_onnx_adapter, EXPORT, lambda p: export_key(p["graph"], p["adapter"]),
-    "onnx-adapter[{adapter.meta[adapter_name]}]",
-)  # fmt: skip
-bundle_task = stage_task(assemble_bundle, BUNDLE, lambda p: bundle_key(p["graph"], p["exports"]), "lora-bundle")
+graph_task = stage_task(build_lora_graph, GRAPH, graph_key, "lora-graph[{target.name}]")
+export_task = stage_task(export_onnx_adapter, EXPORT, export_key, "onnx-adapter[{adapter.meta[adapter_name]}]")
+bundle_task = stage_task(assemble_bundle, BUNDLE, bundle_key, "lora-bundle")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ftd.errors import FtdError
+from tasks.merge import module_scale, read_adapter
 
 # TensorRT-LLM's LoRA module ids (tensorrt_llm/lora_manager.py, LoraModule::ModuleType).
 MODULE_IDS = {
@@ -81,7 +82,6 @@ class TrtLora:
 
 def convert(name: str, adapter_path: Path, precision: str) -> TrtLora:
     """Read a PEFT adapter directory and produce its TensorRT-LLM arrays in `precision`."""
-    from tasks.merge import module_scale, read_adapter
 
     if precision not in DTYPES:
         raise FtdError(f"TensorRT-LLM LoRA precision {precision!r}: expected one of {', '.join(DTYPES)}")

@@ -195,18 +195,10 @@ def assemble_bundle(
 # ---------------------------------------------------------------- the stages, as cached tasks
 
 
-def _engine_key(p: dict) -> str | None:
-    if get_backend(p["target"].backend).unavailable_reason(p["target"]):
-        return None  # skipped here: never cached, so a GPU machine builds it
-    return engine_key(p["model"], p["loras"], p["target"], p["architecture"])
+def _unavailable(target: TargetConfig) -> str | None:
+    return get_backend(target.backend).unavailable_reason(target)  # skipped here: not cached, a GPU machine builds it
 
 
-lora_task = stage_task(
-    convert_lora, LORA, lambda p: lora_key(p["adapter"], p["target"]), "trt-lora[{adapter.meta[adapter_name]}]"
-)
-engine_task = stage_task(build_engine, ENGINE, _engine_key, "trt-engine[{target.name}]")
-bundle_task = stage_task(
-    assemble_bundle, BUNDLE,
-    lambda p: bundle_key(p["model"], p["tokenizer_from"], p["loras"], p["engine"], p["target"]),
-    "triton-bundle[{target.name}]",
-)  # fmt: skip
+lora_task = stage_task(convert_lora, LORA, lora_key, "trt-lora[{adapter.meta[adapter_name]}]")
+engine_task = stage_task(build_engine, ENGINE, engine_key, "trt-engine[{target.name}]", skip_reason=_unavailable)
+bundle_task = stage_task(assemble_bundle, BUNDLE, bundle_key, "triton-bundle[{target.name}]")

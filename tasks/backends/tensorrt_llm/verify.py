@@ -25,6 +25,7 @@ from ftd.errors import FtdError
 from tasks.backends.tensorrt_llm import lora as trt
 from tasks.backends.tensorrt_llm import triton
 from tasks.backends.tensorrt_llm.bundle import MANIFEST, REPOSITORY, expected_bytes
+from tasks.merge import module_scale, read_adapter
 
 # Largest |ΔW error| allowed, relative to the largest |ΔW|, per storage dtype (a few ulps).
 TOLERANCE = {"fp32": 1e-5, "fp16": 4 * 2**-10, "bf16": 4 * 2**-7}
@@ -208,7 +209,6 @@ def _check_adapter(
 
 def _delta_error(peft_dir: Path, weights, config, dims, precision: str, where: str, problems: Problems) -> float:
     """Max over rows of |ΔW_engine − scale·B@A| / max|scale·B@A|, by TensorRT-LLM's row layout."""
-    from tasks.merge import module_scale, read_adapter
 
     adapter_config, pairs = read_adapter(peft_dir)
     expected = {}

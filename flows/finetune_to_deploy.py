@@ -57,11 +57,7 @@ def finetune_to_deploy(
             check_base_record(adapter_cfg, base)
         chains = [_adapter_chain(cfg, adapter_cfg, base, store, stages) for adapter_cfg in cfg.adapters]
         ctx = DeployContext(cfg, plan.architecture, base, store, stages)
-        deployments = [
-            _gate(cfg, d, chains, ctx)
-            for target in cfg.targets
-            for d in get_backend(target.backend).deploy(ctx, target, chains)
-        ]
+        deployments = [d for target in cfg.targets for d in _deploy(cfg, target, chains, ctx)]
         termination.check()  # nothing is registered by a run told to stop
         with tracker.registration():
             registered = registration.log_and_register(cfg, tracker, store, base, chains, deployments)
@@ -72,16 +68,10 @@ def finetune_to_deploy(
         failures = [d.failure for d in deployments if d.failure]
         if failures:
             raise GateFailed("; ".join(str(f) for f in failures))
-        summary = {
-            "experiment": cfg.experiment,
-            "prefect_flow_run_id": str(flow_run.get_id()),
-            "prefect_flow_run_name": flow_run.get_name(),
-            "mlflow_run_id": tracker.run_id,
-            "tracking_uri": tracker.uri,
-            "stages": [vars(r) for r in stages.records],
-            "registered": registered,
-            "metrics": report.metrics(chains, deployments),
-        }
+        summary = {"experiment": cfg.experiment, "prefect_flow_run_id": str(flow_run.get_id()),
+                   "prefect_flow_run_name": flow_run.get_name(), "mlflow_run_id": tracker.run_id,
+                   "tracking_uri": tracker.uri, "stages": [vars(r) for r in stages.records],
+                   "registered": registered, "metrics": report.metrics(chains, deployments)}  # fmt: skip
         termination.check()  # a run told to stop is never recorded as passing
         if all(d.complete for d in deployments):  # what could not run here must be tried again
             record_run(cfg, tracker.uri, summary)
@@ -102,6 +92,18 @@ def _adapter_chain(cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: St
     return AdapterChain(name, data, adapter, merged, reference)
 
 
+def _deploy(cfg: ExperimentConfig, target, chains: list[AdapterChain], ctx: DeployContext) -> list[Deployment]:
+    """One target, through its backend, then the gate. An error inside one target's build or smoke
+    fails that target alone, with one line naming it; the other targets still run and register."""
+    try:
+        deployments = get_backend(target.backend).deploy(ctx, target, chains)
+    except Exception as exc:  # a stop request (TerminationSignal) is no Exception: it ends the run
+        failure = GateFailed(f"target {target.name} ({target.backend}): build failed: {report.one_line(exc)}")
+        return [Deployment(target, c.name, Artifact(stage="engine", key="-"), Status.FAILED, str(failure),
+                           failure=failure) for c in chains]  # fmt: skip
+    return [_gate(cfg, d, chains, ctx) for d in deployments]
+
+
 def _gate(cfg: ExperimentConfig, d: Deployment, chains: list[AdapterChain], ctx: DeployContext) -> Deployment:
     """The parity gate on a deployment that is ready for it: the engine against the PyTorch references."""
     if d.status is not Status.READY:
@@ -113,4 +115,9 @@ def _gate(cfg: ExperimentConfig, d: Deployment, chains: list[AdapterChain], ctx:
         d.status = Status.PASSED
     except GateFailed as failure:
         d.failure, d.status = failure, Status.FAILED
+    except Exception as exc:  # the engine did not run at all: this target's failure, not the run's
+        d.failure = GateFailed(f"target {d.target.name} ({d.target.backend}): smoke test failed: {report.one_line(exc)}")
+        d.status = Status.FAILED
     return d
+
+

@@ -55,6 +55,12 @@ def _outcome_line(d: Deployment) -> str:
     return f"  - {d.target.name}: gate passed"
 
 
+def one_line(exc: Exception) -> str:
+    """An error as one line for the report and the terminal: its type and its last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
 def _smoke_markdown(smoke: Artifact, store: Store, adapter: str) -> str:
     text = (smoke.path(store) / "report.md").read_text()
     return text.replace("## Smoke test: ", f"### Smoke test: {adapter} → ", 1)

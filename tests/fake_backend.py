@@ -53,4 +53,14 @@ class TorchEngine:
         return torch_greedy(self.model, prompt_ids, max_new_tokens, eos_ids, self.tokenizer)
 
 
+class BrokenBuild(Backend):
+    """A backend whose engine build crashes: that target fails alone, the others still run."""
+
+    name = "broken_build"
+
+    def build(self, merged_dir: Path, target: TargetConfig, out: Path) -> dict:
+        raise RuntimeError("the engine compiler crashed\nsegfault at 0x0")
+
+
 register(EchoTorch())
+register(BrokenBuild())

@@ -55,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="rehash every stored artifact against its manifest (finds silent corruption)")
     p.add_argument("--artifacts-dir", default="artifacts", help="the artifacts folder (default: artifacts)")
     p.add_argument("--repair", action="store_true", help="delete damaged artifacts so the next run rebuilds them")
+    for name, help_text in (("chat", "chat with a registered engine version (one prompt, or a conversation)"),
+                            ("deploy", "serve a registered engine version over HTTP (MLflow's scoring server)")):  # fmt: skip
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/tiny-llama-onnx-fp32@champion)")
+        p.add_argument("--artifacts-dir", default="artifacts",
+                       help="whose MLflow database to read (default: artifacts; $MLFLOW_TRACKING_URI wins)")  # fmt: skip
+        if name == "chat":
+            p.add_argument("--prompt", help="one message: print the answer and exit (else: a conversation on stdin)")
+            p.add_argument("--system", help="a system message first")
+            p.add_argument("--adapter", help="the adapter to answer with (a bundle serving several)")
+            p.add_argument("--max-tokens", type=int, default=64)
+            p.add_argument("--json", action="store_true", help="print the whole chat.completion response as JSON")
+        else:
+            p.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -89,6 +103,10 @@ def _dispatch(args) -> int:
         return _sweep(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("chat", "deploy"):
+        from app import serving
+
+        return serving.chat(args) if args.command == "chat" else serving.deploy(args)
     from ftd.config import load_config
     from ftd.environment import configure_environment
 

@@ -7,14 +7,21 @@ Rules:
   and checked here whose engine cannot run here) and its adapter was registered.
 - A bundle serving several adapters is all or nothing: registered once, only when every adapter's
   deployment is registrable and every adapter was registered.
+- A version whose every deployment passed its gate here is an MLflow chat Model
+  (`tasks/serving`: loadable with `mlflow.pyfunc.load_model`, servable with `mlflow models serve`,
+  `ftd chat`); one only verified here is its plain folder (tag `ftd.servable` says which).
 """
 
 from __future__ import annotations
+
+import json
 
 from ftd.config import ExperimentConfig, TargetConfig
 from ftd.store import Artifact, Store
 from ftd.tracking import Tracker
 from tasks.backends.base import AdapterChain, Deployment, Status
+from tasks.backends.registry import get_backend
+from tasks.serving.package import ServedAdapter, write_chat_model
 from tasks.sft import LOSS_CURVE, adapter_dir
 
 
@@ -86,9 +93,30 @@ def log_and_register(
                                                     target=target.name)  # fmt: skip
             engine = group[0].engine
             tags = engine_tags(cfg, base, target, group, by_name, adapter_versions)
-            version = tracker.register(name, engine.path(store), f"engines/{item}", engine.key, tags)
+            write = chat_model_writer(target, group, by_name, store, name)
+            tags["ftd.servable"] = "chat" if write else f"no: {group[0].reason}"
+            version = tracker.register(name, engine.path(store), f"engines/{item}", engine.key, tags, write=write)
             registered.append({"kind": "engine", "item": item, **version})
     return registered
+
+
+def chat_model_writer(target: TargetConfig, group: list[Deployment], chains: dict[str, AdapterChain], store: Store,
+                      model_name: str):  # fmt: skip
+    """How to write the version as an MLflow chat Model: for engines that passed their gate here
+    (their runtime ran); a bundle only verified here is registered as its plain folder."""
+    if not all(d.status is Status.PASSED for d in group):
+        return None
+    engine = group[0].engine
+    served = [ServedAdapter(d.adapter, adapter_dir(chains[d.adapter].adapter, store),
+                            reference_eos(chains[d.adapter].reference, store)) for d in group]  # fmt: skip
+    model_dir = chains[group[0].adapter].merged.path(store)
+    libraries = get_backend(target.backend).libraries
+    return lambda out: write_chat_model(out, engine.path(store), target, served, model_dir, model_name, libraries)
+
+
+def reference_eos(reference: Artifact, store: Store) -> list[int]:
+    """The stop tokens the gate decoded with (the reference stage recorded them)."""
+    return json.loads((reference.path(store) / "prompts.json").read_text())["eos"]
 
 
 def _log_adapter(tracker: Tracker, store: Store, chain: AdapterChain, mine: list[Deployment]) -> None:

@@ -56,6 +56,21 @@ def start_servers(artifacts_dir: Path, prefect_port: int, mlflow_port: int, log_
     return servers
 
 
+def start_model_server(model_uri: str, tracking_uri: str, port: int, log_dir: Path) -> Server:
+    """MLflow's scoring server on a registered model, in this environment (`--env-manager local`),
+    on 127.0.0.1, in its own process group (stopped with `stop_servers`)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # MLflow execs `uvicorn` by name: this environment's bin first (a venv used without activating it)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=path)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", HOST, "-p", str(port)]  # fmt: skip
+    with open(log_dir / f"model-server-{port}.log", "ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return Server("model", process, f"http://{HOST}:{port}/ping", f"http://{HOST}:{port}")
+
+
 def wait_healthy(
     servers: list[Server], timeout: float = 180.0, interval: float = 0.5, idle_work: Iterable[Callable] = ()
 ) -> None:

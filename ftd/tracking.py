@@ -10,6 +10,7 @@ rerun never creates duplicate versions.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -181,19 +182,26 @@ class Tracker:
 
     # ------------------------------------------------------------ registry
 
-    def register(self, model_name: str, directory: Path, artifact_path: str, key: str, tags: dict[str, Any]) -> dict:
+    def register(self, model_name: str, directory: Path, artifact_path: str, key: str, tags: dict[str, Any],
+                 write: Callable[[Path], None] | None = None) -> dict:  # fmt: skip
         """Log `directory` under the run and register it, unless a version with this key exists.
 
-        Look-up and creation happen under a file lock per model name in the artifacts folder: two
-        runs finishing together would otherwise both find no version and both register one (or
-        both try to create the registered model, and one fails)."""
+        `write(folder)`, when given, writes what is logged instead (an MLflow Model around
+        `directory`); it runs only when a new version is created. Look-up and creation happen under
+        a file lock per model name in the artifacts folder: two runs finishing together would
+        otherwise both find no version and both register one (or both try to create the registered
+        model, and one fails)."""
         with self._registry_lock(model_name):
             existing = self.find_version(model_name, key)
             if existing is not None:
                 return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
-            with_retries(
-                lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                if write is not None:
+                    directory = Path(tmp) / "model"
+                    write(directory)
+                with_retries(
+                    lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
+                )
             try:
                 self.client.get_registered_model(model_name)
             except Exception:

@@ -102,7 +102,7 @@ class OnnxGenAI(Backend):
 
     def open(self, engine_dir: Path, target: TargetConfig, adapter: str | None = None) -> Engine:
         if target.mode == "multi_lora":
-            return multi_lora.MultiLoraEngine(engine_dir).with_adapter(adapter)
+            return multi_lora.MultiLoraEngine.shared(Path(engine_dir).resolve()).with_adapter(adapter)
         return OgEngine(engine_dir)
 
 

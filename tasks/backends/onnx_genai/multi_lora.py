@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from ftd.progress import Progress
 from ftd.store import Artifact, Store, code_version, library_versions, link_or_copy, stage_key
 from tasks.backends.onnx_genai import lora_graph
 from tasks.backends.onnx_genai.builder import BuilderProgress, builder_command, builder_in_process, extra_options
-from tasks.backends.onnx_genai.runtime import og_greedy
+from tasks.backends.onnx_genai.runtime import og_greedy, og_tokens
 from tasks.backends.runtime import Generation
 from tasks.base_model import model_dir
 from tasks.logged_command import BuildLog
@@ -159,6 +161,12 @@ def assemble_bundle(graph: Artifact, exports: list[Artifact], store: Store) -> A
 class MultiLoraEngine:
     """The bundle loaded once; each generator activates one adapter."""
 
+    @classmethod
+    @functools.lru_cache(maxsize=2)
+    def shared(cls, bundle_dir: Path) -> MultiLoraEngine:
+        """One loaded bundle per folder (the last two kept): every adapter's view shares its weights."""
+        return cls(bundle_dir)
+
     def __init__(self, bundle_dir: Path):
         import onnxruntime_genai as og
 
@@ -187,6 +195,11 @@ class ActiveAdapter:
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> Generation:
         return self.bundle.greedy(prompt_ids, max_new_tokens, eos_ids, self.adapter)
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> Iterator[int]:
+        b = self.bundle
+        for token, _ in og_tokens(b.og, b.model, prompt_ids, max_new_tokens, eos_ids, b.adapters, self.adapter):
+            yield token
 
 
 # ---------------------------------------------------------------- the stages, as cached tasks

@@ -1,0 +1,165 @@
+"""What was registered is served and answers like the gated engine: `mlflow.pyfunc.load_model`,
+`ftd chat`, and MLflow's own scoring server (`ftd deploy`) on a multi-LoRA bundle, bad requests
+included. One cold run of the default experiment with a second adapter and a multi-LoRA target."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import ROOT, run_ftd
+
+pytestmark = pytest.mark.e2e
+SECOND_ADAPTER = (
+    "adapters.1={name: next-digit, data: {train: data/next_digit/train.jsonl, eval: data/next_digit/eval.jsonl}, "
+    "lora: {r: 4, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}, "
+    "sft: {max_steps: 1000, learning_rate: 5.0e-3, batch_size: 16, max_length: 64, warmup_steps: 10, scheduler: cosine}}"
+)
+BUNDLE = "targets.1={name: onnx-multi-lora, mode: multi_lora, precision: fp32}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    artifacts = tmp_path_factory.mktemp("serving") / "artifacts"
+    result = run_ftd(artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", "smoke.max_prompts=16")
+    assert result.code == 0, result.stderr[-3000:]
+    return {"artifacts": artifacts, "summary": result.summary}
+
+
+def reference(run: dict, adapter: str) -> tuple[list[dict], list[list[int]]]:
+    """The eval prompts of `adapter` and the merged model's greedy tokens (= the engine's: the gate
+    measured agreement 1.0 on them)."""
+    stages = {(s["stage"], s["label"]): s["key"] for s in run["summary"]["stages"]}
+    ref = run["artifacts"] / "store" / "reference" / stages[("reference", adapter)]
+    for target in ("onnx-fp32", "onnx-multi-lora"):
+        assert run["summary"]["metrics"][f"{adapter}.{target}.agreement.merged_vs_engine"] == 1.0
+    prompts = json.loads((ref / "prompts.json").read_text())["prompts"]
+    return prompts, json.loads((ref / "tokens.json").read_text())["merged"]
+
+
+def versions(run: dict) -> dict[str, str]:
+    return {r["item"]: f"models:/{r['name']}/{r['version']}" for r in run["summary"]["registered"]}
+
+
+def test_every_registered_engine_loads_and_answers_like_the_gate(run: dict) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
+    uris = versions(run)
+    for item, adapter, custom in [("numbers/onnx-fp32", "numbers", None), ("next-digit/onnx-fp32", "next-digit", None),
+                                  ("onnx-multi-lora", "numbers", {"adapter": "numbers"}),
+                                  ("onnx-multi-lora", "next-digit", {"adapter": "next-digit"})]:  # fmt: skip
+        model = mlflow.pyfunc.load_model(uris[item])
+        prompts, expected = reference(run, adapter)
+        for p, tokens in zip(prompts, expected):
+            request = {"messages": p["messages"], "max_tokens": 8, **({"custom_inputs": custom} if custom else {})}
+            assert model.predict(request)["custom_outputs"]["tokens"] == tokens, (item, adapter, p)
+    version = mlflow.MlflowClient().get_model_version("tiny-llama-onnx-multi-lora", "1")
+    assert version.tags["ftd.servable"] == "chat" and version.tags["ftd.adapters"] == "numbers,next-digit"
+
+
+def ftd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          input=input, timeout=300)  # fmt: skip
+
+
+def test_ftd_chat_by_version_and_by_alias(run: dict) -> None:
+    import mlflow
+
+    prompts, expected = reference(run, "numbers")
+    question = prompts[0]["messages"][-1]["content"]
+    args = ["--artifacts-dir", str(run["artifacts"]), "--prompt", question, "--max-tokens", "8"]
+    by_version = ftd("chat", versions(run)["numbers/onnx-fp32"], *args, "--json")
+    assert by_version.returncode == 0, by_version.stderr[-2000:]
+    assert json.loads(by_version.stdout)["custom_outputs"]["tokens"] == expected[0]
+    client = mlflow.MlflowClient(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
+    client.set_registered_model_alias("tiny-llama-onnx-multi-lora", "champion", "1")
+    by_alias = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "numbers", "--json")
+    assert by_alias.returncode == 0, by_alias.stderr[-2000:]
+    assert json.loads(by_alias.stdout)["custom_outputs"]["tokens"] == expected[0]
+    plain = ftd("chat", versions(run)["numbers/onnx-fp32"], *args)  # the answer's text alone
+    assert plain.returncode == 0 and plain.stdout.strip() == json.loads(by_version.stdout)["choices"][0]["message"][
+        "content"]  # fmt: skip
+    conversation = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", "--artifacts-dir", str(run["artifacts"]),
+                       "--adapter", "next-digit", input=f"{question}\n{question}\n")  # fmt: skip
+    assert conversation.returncode == 0 and len(conversation.stdout.strip().splitlines()) == 2
+    unknown = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "nope")
+    assert unknown.returncode == 2
+    assert "custom_inputs.adapter: unknown adapter 'nope'; this model serves next-digit, numbers" in unknown.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_scoring_server_serves_every_adapter_and_survives_bad_requests(run: dict) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "deploy", versions(run)["onnx-multi-lora"], "--artifacts-dir",
+         str(run["artifacts"]), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the scoring server did not start"
+                time.sleep(1)
+        good = []
+        for adapter in ("numbers", "next-digit"):
+            prompts, expected = reference(run, adapter)
+            for p, tokens in list(zip(prompts, expected))[:4]:
+                body = {"messages": p["messages"], "max_tokens": 8, "custom_inputs": {"adapter": adapter}}
+                status, answer = post(url, body)
+                assert status == 200 and answer["custom_outputs"]["tokens"] == tokens, answer
+                good.append((body, tokens))
+        hello = [{"role": "user", "content": "hi"}]
+        bad = {
+            "custom_inputs.adapter: unknown adapter 'nope'": {"messages": hello, "custom_inputs": {"adapter": "nope"}},
+            "messages[0].content: the prompt is empty": {"messages": [{"role": "user", "content": " "}],
+                                                         "custom_inputs": {"adapter": "numbers"}},
+            "max_tokens: expected a positive integer, got -3": {"messages": hello, "max_tokens": -3,
+                                                                "custom_inputs": {"adapter": "numbers"}},
+            "together over the model's context length": {"messages": [{"role": "user", "content": "hi " * 400}],
+                                                         "custom_inputs": {"adapter": "numbers"}},
+            "messages": {"messages": "not a list", "custom_inputs": {"adapter": "numbers"}},
+            "max_tokens": {"messages": hello, "max_tokens": "many", "custom_inputs": {"adapter": "numbers"}},
+        }  # fmt: skip
+        for fragment, body in bad.items():
+            status, answer = post(url, body)
+            assert 400 <= status < 500 and fragment in answer["message"], (fragment, status, answer)
+            status, answer = post(url, good[0][0])  # and the next good request is answered
+            assert status == 200 and answer["custom_outputs"]["tokens"] == good[0][1]
+        with ThreadPoolExecutor(8) as pool:  # 8 at once, across both adapters
+            results = list(pool.map(lambda g: post(url, g[0]), good))
+        assert [(s, a["custom_outputs"]["tokens"]) for s, a in results] == [(200, t) for _, t in good]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

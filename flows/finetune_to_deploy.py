@@ -6,8 +6,8 @@ each backend's own package for its stages); backends are reached through the reg
 what is registered is decided in `flows/registration.py`, what is shown in `flows/report.py`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: `ftd serve` runs this flow from a module Prefect pickles
+# by value, where a string annotation (`Plan`) could not be resolved to validate the parameters.
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run

@@ -43,6 +43,14 @@ class StageTask:
         self._task = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """Picklable (Prefect's runner cloudpickles a served flow with the tasks it references):
+        the lock and the Prefect task, made on first use, are left behind."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_task", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _task=None, _lock=threading.Lock())
+
     def key_of(self, parameters: dict) -> str | None:
         """The artifact key for these task arguments, or None: not cached."""
         if self.skip_reason is not None and self.skip_reason(**_bound(self.skip_reason, parameters)):

@@ -38,3 +38,14 @@ def test_a_skipped_step_has_no_key() -> None:
     params = {"base": Artifact(stage="base", key="b"), "adapter": Artifact(stage="adapter", key="a"), "store": None}
     assert task.key_of(params | {"settings": {"why": "needs a GPU"}}) is None
     assert task.key_of(params | {"settings": {}}) == "b+a+[]"
+
+
+def test_a_declared_stage_pickles() -> None:
+    """`ftd serve` runs flows whose module Prefect cloudpickles by value, tasks included."""
+    import cloudpickle
+
+    task = stage_task(merge, "merged", merge_key, "merge")
+    _ = task.prefect  # made, then left behind by pickling
+    again = cloudpickle.loads(cloudpickle.dumps(task))
+    assert again.stage == "merged" and again.key_of({"base": Artifact(stage="b", key="b"),
+                                                     "adapter": Artifact(stage="a", key="a"), "settings": {}}) == "b+a+[]"

@@ -20,11 +20,9 @@ import pytest
 from tests.conftest import ROOT, run_ftd
 
 pytestmark = pytest.mark.e2e
-SECOND_ADAPTER = (
-    "adapters.1={name: next-digit, data: {train: data/next_digit/train.jsonl, eval: data/next_digit/eval.jsonl}, "
-    "lora: {r: 4, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}, "
-    "sft: {max_steps: 1000, learning_rate: 5.0e-3, batch_size: 16, max_length: 64, warmup_steps: 10, scheduler: cosine}}"
-)
+# an adapter trained elsewhere (rsLoRA, r=16): imported, not trained, so the run stays short
+SECOND_ADAPTER = ("adapters.1={name: imported, import_from: data/adapters/numbers-rslora-r16, "
+                  "data: {train: data/numbers/train.jsonl, eval: data/numbers/eval.jsonl}}")  # fmt: skip
 BUNDLE = "targets.1={name: onnx-multi-lora, mode: multi_lora, precision: fp32}"
 
 
@@ -56,16 +54,16 @@ def test_every_registered_engine_loads_and_answers_like_the_gate(run: dict) -> N
 
     mlflow.set_tracking_uri(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
     uris = versions(run)
-    for item, adapter, custom in [("numbers/onnx-fp32", "numbers", None), ("next-digit/onnx-fp32", "next-digit", None),
+    for item, adapter, custom in [("numbers/onnx-fp32", "numbers", None), ("imported/onnx-fp32", "imported", None),
                                   ("onnx-multi-lora", "numbers", {"adapter": "numbers"}),
-                                  ("onnx-multi-lora", "next-digit", {"adapter": "next-digit"})]:  # fmt: skip
+                                  ("onnx-multi-lora", "imported", {"adapter": "imported"})]:  # fmt: skip
         model = mlflow.pyfunc.load_model(uris[item])
         prompts, expected = reference(run, adapter)
         for p, tokens in zip(prompts, expected):
             request = {"messages": p["messages"], "max_tokens": 8, **({"custom_inputs": custom} if custom else {})}
             assert model.predict(request)["custom_outputs"]["tokens"] == tokens, (item, adapter, p)
     version = mlflow.MlflowClient().get_model_version("tiny-llama-onnx-multi-lora", "1")
-    assert version.tags["ftd.servable"] == "chat" and version.tags["ftd.adapters"] == "numbers,next-digit"
+    assert version.tags["ftd.servable"] == "chat" and version.tags["ftd.adapters"] == "numbers,imported"
 
 
 def ftd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -74,8 +72,11 @@ def ftd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
                           input=input, timeout=300)  # fmt: skip
 
 
-def test_ftd_chat_by_version_and_by_alias(run: dict) -> None:
+def test_ftd_chat_by_version_and_by_alias(run: dict, capsys) -> None:
+    """Two real `ftd chat` processes (the exit-code contract); the rest through `app.cli.main`."""
     import mlflow
+
+    from app.cli import main
 
     prompts, expected = reference(run, "numbers")
     question = prompts[0]["messages"][-1]["content"]
@@ -85,18 +86,17 @@ def test_ftd_chat_by_version_and_by_alias(run: dict) -> None:
     assert json.loads(by_version.stdout)["custom_outputs"]["tokens"] == expected[0]
     client = mlflow.MlflowClient(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
     client.set_registered_model_alias("tiny-llama-onnx-multi-lora", "champion", "1")
-    by_alias = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "numbers", "--json")
-    assert by_alias.returncode == 0, by_alias.stderr[-2000:]
-    assert json.loads(by_alias.stdout)["custom_outputs"]["tokens"] == expected[0]
-    plain = ftd("chat", versions(run)["numbers/onnx-fp32"], *args)  # the answer's text alone
-    assert plain.returncode == 0 and plain.stdout.strip() == json.loads(by_version.stdout)["choices"][0]["message"][
-        "content"]  # fmt: skip
+    capsys.readouterr()
+    assert main(["chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "numbers", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["custom_outputs"]["tokens"] == expected[0]
+    capsys.readouterr()
+    assert main(["chat", versions(run)["numbers/onnx-fp32"], *args]) == 0  # the answer's text alone
+    assert capsys.readouterr().out.strip() == json.loads(by_version.stdout)["choices"][0]["message"]["content"]
     conversation = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", "--artifacts-dir", str(run["artifacts"]),
-                       "--adapter", "next-digit", input=f"{question}\n{question}\n")  # fmt: skip
+                       "--adapter", "imported", input=f"{question}\n{question}\n")  # fmt: skip
     assert conversation.returncode == 0 and len(conversation.stdout.strip().splitlines()) == 2
-    unknown = ftd("chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "nope")
-    assert unknown.returncode == 2
-    assert "custom_inputs.adapter: unknown adapter 'nope'; this model serves next-digit, numbers" in unknown.stderr
+    assert main(["chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "nope"]) == 2
+    assert "custom_inputs.adapter: unknown adapter 'nope'; this model serves imported, numbers" in capsys.readouterr().err
 
 
 def free_port() -> int:
@@ -133,7 +133,7 @@ def test_the_scoring_server_serves_every_adapter_and_survives_bad_requests(run: 
                 assert server.poll() is None and time.monotonic() < deadline, "the scoring server did not start"
                 time.sleep(1)
         good = []
-        for adapter in ("numbers", "next-digit"):
+        for adapter in ("numbers", "imported"):
             prompts, expected = reference(run, adapter)
             for p, tokens in list(zip(prompts, expected))[:4]:
                 body = {"messages": p["messages"], "max_tokens": 8, "custom_inputs": {"adapter": adapter}}

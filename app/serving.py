@@ -9,17 +9,13 @@ own scoring server on it (`mlflow models serve --env-manager local`, on 127.0.0.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from ftd.errors import ConfigError, FtdError
-
-
-def tracking_uri(artifacts_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(artifacts_dir).resolve() / 'mlflow.db'}"
+from ftd.tracking import default_tracking_uri
 
 
 def load(model_uri: str, artifacts_dir: str):
@@ -28,7 +24,7 @@ def load(model_uri: str, artifacts_dir: str):
 
     if not model_uri.startswith("models:/"):
         raise ConfigError(f"model: expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
-    mlflow.set_tracking_uri(tracking_uri(artifacts_dir))
+    mlflow.set_tracking_uri(default_tracking_uri(artifacts_dir))
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:  # unknown name/version/alias, or a version registered as a plain folder
@@ -82,7 +78,7 @@ def deploy(args) -> int:
     from ftd.servers import start_model_server, stop_servers, wait_healthy
 
     load(args.model, args.artifacts_dir)  # a wrong URI or a plain folder fails here, in one line
-    server = start_model_server(args.model, tracking_uri(args.artifacts_dir), args.port,
+    server = start_model_server(args.model, default_tracking_uri(args.artifacts_dir), args.port,
                                 Path(args.artifacts_dir) / "logs")  # fmt: skip
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

@@ -31,9 +31,14 @@ PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOU
 def tracking_uri(cfg: ExperimentConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
+    return default_tracking_uri(cfg.artifacts_dir)
+
+
+def default_tracking_uri(artifacts_dir: str | Path) -> str:
+    """`$MLFLOW_TRACKING_URI`, else the artifacts folder's SQLite database."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(cfg.artifacts_dir).resolve() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(artifacts_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -200,7 +205,8 @@ class Tracker:
                     directory = Path(tmp) / "model"
                     write(directory)
                 with_retries(
-                    lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path), f"log {artifact_path}"
+                    lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path),
+                    f"log {artifact_path}",
                 )
             try:
                 self.client.get_registered_model(model_name)

@@ -106,7 +106,6 @@ def reference_outputs(
     base: Artifact, adapter: Artifact, merged: Artifact, data: Artifact, settings: SmokeSettings, store: Store,
     trust_remote_code: bool = False,
 ) -> Artifact:  # fmt: skip
-
     def build(tmp: Path) -> dict:
         import time
 

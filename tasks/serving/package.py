@@ -65,7 +65,8 @@ def write_chat_model(out: Path, engine_dir: Path, target: TargetConfig, adapters
             shutil.copytree(source, work / "code" / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             code.append(str(work / "code" / source.name))
         first = next(iter(spec["adapters"]))
-        example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1,
+        example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 1.0, "n": 1,
+                   "stream": False,
                    **({"custom_inputs": {"adapter": first}} if len(adapters) > 1 else {})}  # fmt: skip
         mlflow.pyfunc.save_model(  # MLflow runs the example once: a version that cannot answer is not registered
             path=str(out), python_model=str(CHAT_MODEL), code_paths=code, pip_requirements=requirements(libraries),

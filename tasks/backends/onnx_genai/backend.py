@@ -17,12 +17,21 @@ from tasks.backends.onnx_genai.builder import (
     OPTIMUM_SUPPORTED,
     OPTION_KEYS,
     SUPPORTED,
-    _importable,
-    _pairs,
     exporter_of,
 )
 from tasks.backends.onnx_genai.runtime import OgEngine
 from tasks.backends.runtime import Engine
+
+
+def _pairs(pairs: set[tuple[str, str]]) -> str:
+    return ", ".join(f"{p}/{d}" for p, d in sorted(pairs))
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 class OnnxGenAI(Backend):

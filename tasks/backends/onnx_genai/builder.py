@@ -20,7 +20,6 @@ Both engines run through the same `OgEngine` and face the same parity gate.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -56,10 +55,6 @@ OPTIMUM_TASK = "text-generation-with-past"
 
 def exporter_of(target: TargetConfig) -> str:
     return target.options.get("exporter", "builder")
-
-
-def _pairs(pairs: set[tuple[str, str]]) -> str:
-    return ", ".join(f"{p}/{d}" for p, d in sorted(pairs))
 
 
 # ---------------------------------------------------------------- building
@@ -285,13 +280,6 @@ def _external_data_files(graph_path: Path) -> list[str]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             files |= {e.value for e in tensor.external_data if e.key == "location"}
     return sorted(files)
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
 
 
 def _size(directory: Path) -> int:

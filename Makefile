@@ -10,10 +10,11 @@ CONFIG ?= configs/tiny-llama.yaml
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/install_llama_cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	bash scripts/install_llama_cpp.sh $(VENV)
 	touch $@
 
 run: install

@@ -19,6 +19,7 @@ BUILTIN: dict[str, str] = {
     "dashinfer": "tasks.backends.dashinfer.backend",
     "accessory": "tasks.backends.accessory.backend",
     "mindspore": "tasks.backends.mindspore.backend",
+    "llama_cpp": "tasks.backends.llama_cpp.backend",
 }
 _LOADED: dict[str, Backend] = {}
 

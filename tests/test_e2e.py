@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_ftd
+from tests.conftest import ROOT, run_ftd
 
 pytestmark = pytest.mark.e2e
 ALL_STAGES = {"base", "data", "adapter", "merged", "reference", "engine", "smoke"}
@@ -156,3 +156,33 @@ def test_a_missed_threshold_fails_the_flow_and_registers_nothing(shared):
         order_by=["attributes.start_time DESC"], max_results=1,
     )  # fmt: skip
     assert runs[0].info.status == "FAILED"
+
+
+def test_the_default_experiment_deployed_to_llama_cpp_passes_every_gate(shared):
+    """configs/llama-cpp.yaml in the same store: the adapter is a cache hit; merged f32, q8_0,
+    q4_0 and a multi-LoRA bundle are converted, gated through llama.cpp and registered."""
+    import json
+
+    from tasks.backends.llama_cpp import tools
+
+    if tools.unavailable_reason():
+        pytest.skip(f"llama.cpp backend: {tools.unavailable_reason()}")
+    result = run_ftd(shared["artifacts"], config=ROOT / "configs" / "llama-cpp.yaml")
+    assert result.code == 0, result.stderr[-3000:]
+    summary, m = result.summary, result.summary["metrics"]
+    assert _statuses(summary)["adapter"] == "cache hit"
+    for target in ("gguf-f32", "gguf-multi-lora"):
+        assert m[f"numbers.{target}.max_logit_diff.merged_vs_engine"] <= 1e-4
+        assert m[f"numbers.{target}.agreement.merged_vs_engine"] == 1.0
+    assert m["numbers.gguf-q8.accuracy.engine"] >= 0.9 and m["numbers.gguf-q4.accuracy.engine"] >= 0.85
+    steps = {(s["stage"], s["label"]): s for s in summary["stages"]}
+    assert steps[("gguf", "numbers/gguf-q4")]["status"] == "cache hit"  # q4_0 is quantised from the f32 GGUF
+    registered = {r["item"] for r in summary["registered"] if r["kind"] == "engine"}
+    assert registered == {"numbers/gguf-f32", "numbers/gguf-q8", "numbers/gguf-q4", "gguf-multi-lora"}
+    bundle = shared["artifacts"] / "store" / "gguf-bundle" / steps[("gguf-bundle", "gguf-multi-lora")]["key"]
+    bundle = next(bundle.parent.glob(bundle.name + "*"))
+    manifest = json.loads((bundle / "ftd-gguf.json").read_text())
+    assert manifest["adapters"]["numbers"]["ollama_template"] == {"written": True, "problem": None}
+    modelfile = (bundle / "Modelfile.numbers").read_text()
+    assert "ADAPTER ./adapters/numbers.gguf" in modelfile and 'TEMPLATE """' in modelfile
+    assert "--lora" in (bundle / "llama-server.sh").read_text()

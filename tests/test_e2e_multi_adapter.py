@@ -1,9 +1,9 @@
 """Several adapters on one base (two trained with different ranks and modules, one imported
-rsLoRA adapter), five targets: merged fp32, merged int4, one ONNX multi-LoRA bundle in fp32 and one
-in int4, one TensorRT-LLM + Triton bundle.
+rsLoRA adapter), six targets: merged fp32, merged int4, one ONNX multi-LoRA bundle in fp32 and one
+in int4, one llama.cpp multi-LoRA bundle, one TensorRT-LLM + Triton bundle.
 
 Adding an adapter to an experiment re-exports only that adapter: the multi-LoRA base graph and
-the other adapters' exports (ONNX and TensorRT-LLM) are cache hits.
+the other adapters' exports (ONNX, llama.cpp and TensorRT-LLM) are cache hits.
 """
 
 from __future__ import annotations
@@ -68,8 +68,20 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
         # accuracy, merged and multi-LoRA (int4 base graph, fp32 LoRA inputs) alike.
         for int4 in ("onnx-int4", "onnx-multi-lora-int4"):
             assert m[f"{name}.{int4}.accuracy.engine"] >= m[f"{name}.onnx-fp32.accuracy.engine"] - INT4_MARGIN
+    # llama.cpp: one base GGUF (a cache hit) and a LoRA GGUF per adapter; only the new one converted.
+    # Each adapter, switched on in the one loaded base, matches PyTorch within 1e-4 (the imported
+    # rsLoRA adapter too: its scale is folded into B, llama.cpp would otherwise apply alpha / r).
+    assert _records(summary, "gguf") == {"gguf-multi-lora": "cache hit"}
+    assert _records(summary, "gguf-lora") == {
+        f"{name}/gguf-multi-lora": "built" if name == "next-digit" else "cache hit"
+        for name in ("numbers", "numbers-imported", "next-digit")
+    }
+    for name in ("numbers", "numbers-imported", "next-digit"):
+        assert m[f"{name}.gguf-multi-lora.agreement.merged_vs_engine"] == 1.0
+        assert m[f"{name}.gguf-multi-lora.max_logit_diff.merged_vs_engine"] < 1e-4
     registered = {(r["kind"], r["item"]) for r in summary["registered"]}
     assert {("engine", "onnx-multi-lora"), ("engine", "onnx-multi-lora-int4")} <= registered
+    assert ("engine", "gguf-multi-lora") in registered
     assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered
 
     # TensorRT-LLM + Triton: one bundle for all three adapters (ranks 8, 4, 16), verified on CPU;

@@ -24,12 +24,15 @@ pytestmark = pytest.mark.e2e
 SECOND_ADAPTER = ("adapters.1={name: imported, import_from: data/adapters/numbers-rslora-r16, "
                   "data: {train: data/numbers/train.jsonl, eval: data/numbers/eval.jsonl}}")  # fmt: skip
 BUNDLE = "targets.1={name: onnx-multi-lora, mode: multi_lora, precision: fp32}"
+GGUF = "targets.2={name: gguf-multi-lora, backend: llama_cpp, mode: multi_lora, precision: f32}"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     artifacts = tmp_path_factory.mktemp("serving") / "artifacts"
-    result = run_ftd(artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", "smoke.max_prompts=16")
+    result = run_ftd(
+        artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", GGUF, "--set", "smoke.max_prompts=16"
+    )
     assert result.code == 0, result.stderr[-3000:]
     return {"artifacts": artifacts, "summary": result.summary}
 
@@ -39,7 +42,7 @@ def reference(run: dict, adapter: str) -> tuple[list[dict], list[list[int]]]:
     measured agreement 1.0 on them)."""
     stages = {(s["stage"], s["label"]): s["key"] for s in run["summary"]["stages"]}
     ref = run["artifacts"] / "store" / "reference" / stages[("reference", adapter)]
-    for target in ("onnx-fp32", "onnx-multi-lora"):
+    for target in ("onnx-fp32", "onnx-multi-lora", "gguf-multi-lora"):
         assert run["summary"]["metrics"][f"{adapter}.{target}.agreement.merged_vs_engine"] == 1.0
     prompts = json.loads((ref / "prompts.json").read_text())["prompts"]
     return prompts, json.loads((ref / "tokens.json").read_text())["merged"]
@@ -56,7 +59,9 @@ def test_every_registered_engine_loads_and_answers_like_the_gate(run: dict) -> N
     uris = versions(run)
     for item, adapter, custom in [("numbers/onnx-fp32", "numbers", None), ("imported/onnx-fp32", "imported", None),
                                   ("onnx-multi-lora", "numbers", {"adapter": "numbers"}),
-                                  ("onnx-multi-lora", "imported", {"adapter": "imported"})]:  # fmt: skip
+                                  ("onnx-multi-lora", "imported", {"adapter": "imported"}),
+                                  ("gguf-multi-lora", "numbers", {"adapter": "numbers"}),
+                                  ("gguf-multi-lora", "imported", {"adapter": "imported"})]:  # fmt: skip
         model = mlflow.pyfunc.load_model(uris[item])
         prompts, expected = reference(run, adapter)
         for p, tokens in zip(prompts, expected):
@@ -96,7 +101,9 @@ def test_ftd_chat_by_version_and_by_alias(run: dict, capsys) -> None:
                        "--adapter", "imported", input=f"{question}\n{question}\n")  # fmt: skip
     assert conversation.returncode == 0 and len(conversation.stdout.strip().splitlines()) == 2
     assert main(["chat", "models:/tiny-llama-onnx-multi-lora@champion", *args, "--adapter", "nope"]) == 2
-    assert "custom_inputs.adapter: unknown adapter 'nope'; this model serves imported, numbers" in capsys.readouterr().err
+    assert (
+        "custom_inputs.adapter: unknown adapter 'nope'; this model serves imported, numbers" in capsys.readouterr().err
+    )
 
 
 def free_port() -> int:

@@ -163,8 +163,65 @@ def decode_og_pair(args: dict) -> dict:
             "multi_tokens_per_s": statistics.median(rates["multi"]), "tokens": tokens}  # fmt: skip
 
 
+def build_og(args: dict) -> dict:
+    """The og model builder, in this process (so its peak RSS is this process's)."""
+    import runpy
+
+    sys.argv = ["builder", "-i", args["model"], "-o", args["out"], "-p", args["precision"], "-e", "cpu",
+                "-c", args["cache"]]  # fmt: skip
+    started = time.perf_counter()
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": _rss_mb()}
+
+
+def _gguf_generate(model: str, threads: int, kv: str, prompt: list[int], lora: str | None = None):
+    """n greedy tokens through ftd's llama.cpp runtime (LoadedGguf), each new token's timestamp."""
+    from tasks.backends.llama_cpp.runtime import LoadedGguf
+
+    loaded = LoadedGguf(Path(model), {"bench": Path(lora)} if lora else {}, n_ctx=256, n_threads=threads, kv_type=kv)
+    adapter = "bench" if lora else None
+
+    def once(n: int) -> tuple[list[float], list[int]]:
+        stamps, tokens = [], []
+        for token, _ in loaded.tokens(prompt, n, eos_ids=[], adapter=adapter):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+        return stamps, tokens
+
+    return once
+
+
+def decode_gguf(args: dict) -> dict:
+    once = _gguf_generate(args["model"], args["threads"], args["kv"], args["prompt"])
+    rate, tokens = _median_rate(once, args)
+    return {"tokens_per_s": rate, "tokens": tokens}
+
+
+def decode_gguf_pair(args: dict) -> dict:
+    """The merged GGUF and the base GGUF with the adapter's LoRA GGUF active, in one process,
+    generations alternating (as decode_og_pair)."""
+    import statistics
+
+    engines = {"merged": _gguf_generate(args["model"], args["threads"], "f32", args["prompt"]),
+               "multi": _gguf_generate(args["base"], args["threads"], "f32", args["prompt"], args["lora"])}  # fmt: skip
+    for once in engines.values():
+        once(8)  # warm-up
+    rates: dict[str, list[float]] = {"merged": [], "multi": []}
+    tokens: dict[str, list[int]] = {}
+    for i in range(args["passes"]):
+        for name in ("merged", "multi") if i % 2 == 0 else ("multi", "merged"):
+            stamps, tokens[name] = engines[name](args["new_tokens"])
+            rates[name].append(_steady_rate(stamps))
+    ratios = [merged / multi for merged, multi in zip(rates["merged"], rates["multi"], strict=True)]
+    agreement = sum(a == b for a, b in zip(tokens["merged"], tokens["multi"])) / len(tokens["merged"])
+    return {"ms_per_token_ratio": statistics.median(ratios), "ratios": ratios, "agreement": agreement,
+            "merged_tokens_per_s": statistics.median(rates["merged"]),
+            "multi_tokens_per_s": statistics.median(rates["multi"])}  # fmt: skip
+
+
 JOBS = {"merge-ours": merge_ours, "merge-peft": merge_peft, "decode-hf": decode_hf, "decode-og": decode_og,
-        "decode-og-pair": decode_og_pair}  # fmt: skip
+        "decode-og-pair": decode_og_pair, "build-og": build_og, "decode-gguf": decode_gguf,
+        "decode-gguf-pair": decode_gguf_pair}  # fmt: skip
 
 if __name__ == "__main__":
     job, args_json, result_json = sys.argv[1:4]

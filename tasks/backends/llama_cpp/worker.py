@@ -23,12 +23,22 @@ from collections import Counter
 from pathlib import Path
 
 
+def peak_rss_mb() -> float:
+    """This process's high-water mark (VmHWM; ru_maxrss would include the parent's RSS at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def tensor_census(path: Path) -> dict:
     """Tensor types and counts, plus the metadata ftd checks, read back from the written file."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors)
+    # what a decode step reads: every tensor but the token embedding (one row per token is gathered)
+    read_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
     fields = {}
     for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha",
                 "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "general.file_type"):  # fmt: skip
@@ -36,7 +46,8 @@ def tensor_census(path: Path) -> dict:
         if field is not None:
             value = field.contents()
             fields[key] = value
-    return {"tensor_types": dict(sorted(types.items())), "tensors": len(reader.tensors), "metadata": fields}
+    return {"tensor_types": dict(sorted(types.items())), "tensors": len(reader.tensors), "metadata": fields,
+            "read_bytes_per_token": read_bytes}  # fmt: skip
 
 
 def convert_hf(tools: Path, spec: dict) -> dict:
@@ -90,7 +101,7 @@ def main() -> None:
     started = time.perf_counter()
     result = COMMANDS[command](tools, spec)
     result["seconds"] = round(time.perf_counter() - started, 3)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = peak_rss_mb()
     result.update(tensor_census(Path(spec["out"])))
     Path(spec["result"]).write_text(json.dumps(result, default=str))
 

@@ -116,8 +116,8 @@ def _gate(cfg: ExperimentConfig, d: Deployment, chains: list[AdapterChain], ctx:
     except GateFailed as failure:
         d.failure, d.status = failure, Status.FAILED
     except Exception as exc:  # the engine did not run at all: this target's failure, not the run's
-        d.failure = GateFailed(f"target {d.target.name} ({d.target.backend}): smoke test failed: {report.one_line(exc)}")
+        d.failure = GateFailed(
+            f"target {d.target.name} ({d.target.backend}): smoke test failed: {report.one_line(exc)}"
+        )
         d.status = Status.FAILED
     return d
-
-

@@ -111,8 +111,13 @@ def _adapter_summary(adapter) -> dict:
     config = json.loads((Path(adapter.import_from) / "adapter_config.json").read_text())
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     targets = config.get("target_modules") or []
-    return {"name": adapter.name, "modules": [] if isinstance(targets, str) else list(targets), "max_rank": max(ranks),
-            "use_dora": bool(config.get("use_dora")), "modules_to_save": list(config.get("modules_to_save") or [])}
+    return {
+        "name": adapter.name,
+        "modules": [] if isinstance(targets, str) else list(targets),
+        "max_rank": max(ranks),
+        "use_dora": bool(config.get("use_dora")),
+        "modules_to_save": list(config.get("modules_to_save") or []),
+    }
 
 
 def _imported_targets(path: Path, field: str) -> list[str]:

@@ -9,7 +9,8 @@ Rules:
   deployment is registrable and every adapter was registered.
 - A version whose every deployment passed its gate here is an MLflow chat Model
   (`tasks/serving`: loadable with `mlflow.pyfunc.load_model`, servable with `mlflow models serve`,
-  `ftd chat`); one only verified here is its plain folder (tag `ftd.servable` says which).
+  `ftd chat`); one only verified here is its plain folder (tag `ftd.servable` says which). An
+  adapter version is a chat Model too: its own files, its base referenced and checked at load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from ftd.store import Artifact, Store
 from ftd.tracking import Tracker
 from tasks.backends.base import AdapterChain, Deployment, Status
 from tasks.backends.registry import get_backend
-from tasks.serving.package import ServedAdapter, write_chat_model
+from tasks.base_model import files_digest, model_dir
+from tasks.serving.package import ServedAdapter, write_adapter_model, write_chat_model
+from tasks.serving.served import ServedCase, check_served
 from tasks.sft import LOSS_CURVE, adapter_dir
 
 
@@ -82,9 +85,11 @@ def log_and_register(
             continue
         name = cfg.tracking.adapter_model.format(experiment=cfg.experiment, adapter=chain.name, target="")
         version = tracker.register(name, adapter_dir(chain.adapter, store), f"adapters/{chain.name}", chain.adapter.key,
-                                   adapter_tags(cfg, base, chain))  # fmt: skip
+                                   {**adapter_tags(cfg, base, chain), "ftd.servable": "chat"},
+                                   write=served_check(cfg, tracker, adapter_model_writer(cfg, base, chain, store, name),
+                                                      adapter_cases(chain, store), bundle=False))  # fmt: skip
         adapter_versions[chain.name] = f"{version['name']}/{version['version']}"
-        registered.append({"kind": "adapter", "item": chain.name, **version})
+        registered.append(_entry("adapter", chain.name, version))
     by_name = {c.name: c for c in chains}
     for target in cfg.targets:
         for group in registrable_groups(target, deployments, list(by_name), set(adapter_versions)):
@@ -93,10 +98,11 @@ def log_and_register(
                                                     target=target.name)  # fmt: skip
             engine = group[0].engine
             tags = engine_tags(cfg, base, target, group, by_name, adapter_versions)
-            write = chat_model_writer(target, group, by_name, store, name)
+            write = served_check(cfg, tracker, chat_model_writer(target, group, by_name, store, name),
+                                 served_cases(group, by_name, store), bundle=target.mode == "multi_lora")  # fmt: skip
             tags["ftd.servable"] = "chat" if write else f"no: {group[0].reason}"
             version = tracker.register(name, engine.path(store), f"engines/{item}", engine.key, tags, write=write)
-            registered.append({"kind": "engine", "item": item, **version})
+            registered.append(_entry("engine", item, version))
     return registered
 
 
@@ -109,9 +115,59 @@ def chat_model_writer(target: TargetConfig, group: list[Deployment], chains: dic
     engine = group[0].engine
     served = [ServedAdapter(d.adapter, adapter_dir(chains[d.adapter].adapter, store),
                             reference_eos(chains[d.adapter].reference, store)) for d in group]  # fmt: skip
-    model_dir = chains[group[0].adapter].merged.path(store)
+    merged_dir = chains[group[0].adapter].merged.path(store)
     libraries = get_backend(target.backend).libraries
-    return lambda out: write_chat_model(out, engine.path(store), target, served, model_dir, model_name, libraries)
+    return lambda out: write_chat_model(out, engine.path(store), target, served, merged_dir, model_name, libraries)
+
+
+def adapter_model_writer(cfg: ExperimentConfig, base: Artifact, chain: AdapterChain, store: Store, model_name: str):
+    """The adapter as an MLflow chat Model over its base, referenced by source and files' digest."""
+    folder = adapter_dir(chain.adapter, store)
+    served = ServedAdapter(chain.name, folder, reference_eos(chain.reference, store))
+    # an external base's digest was taken when it was resolved (memoised); a builtin's is quick
+    digest = base.meta.get("content_digest") or files_digest(model_dir(base))
+    reference = {"source": base.meta["source"], "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+                 "files_digest": digest}  # fmt: skip
+    return lambda out: write_adapter_model(out, served, folder, reference, model_dir(base), model_name)
+
+
+def _entry(kind: str, item: str, version: dict) -> dict:
+    """A registered version as the run summary and report list it (with its served-gate result)."""
+    tags = version.pop("tags", {})
+    return {"kind": kind, "item": item, **version, "served": tags.get("ftd.served", "-")}
+
+
+def served_check(cfg: ExperimentConfig, tracker: Tracker, write, cases: list[ServedCase], bundle: bool):
+    """With `smoke.served`, the written model is also served and asked every gate prompt over HTTP
+    before it is registered (tasks/serving/served.py); its result becomes the tag `ftd.served`."""
+    if write is None or not cfg.smoke.served:
+        return write
+
+    def write_and_serve(out):
+        write(out)
+        log_dir = cfg.artifacts_dir / "logs"
+        return check_served(out, cases, cfg.smoke.max_new_tokens, bundle, tracker.uri, log_dir)
+
+    return write_and_serve
+
+
+def served_cases(group: list[Deployment], chains: dict[str, AdapterChain], store: Store) -> list[ServedCase]:
+    """Each adapter's gate prompts and the engine's tokens for them (recorded by the smoke stage)."""
+    cases = []
+    for d in group:
+        if d.smoke is None:
+            continue
+        prompts = json.loads((chains[d.adapter].reference.path(store) / "prompts.json").read_text())["prompts"]
+        tokens = json.loads((d.smoke.path(store) / "engine_tokens.json").read_text())
+        cases += [ServedCase(d.adapter, p["messages"], t) for p, t in zip(prompts, tokens)]
+    return cases
+
+
+def adapter_cases(chain: AdapterChain, store: Store) -> list[ServedCase]:
+    ref = chain.reference.path(store)
+    prompts = json.loads((ref / "prompts.json").read_text())["prompts"]
+    tokens = json.loads((ref / "tokens.json").read_text())["adapter"]
+    return [ServedCase(chain.name, p["messages"], t) for p, t in zip(prompts, tokens)]
 
 
 def reference_eos(reference: Artifact, store: Store) -> list[int]:

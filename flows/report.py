@@ -38,8 +38,14 @@ def run_report(
         lines += [_outcome_line(d) for d in deployments if d.adapter == a.name]
     lines.append("")
     lines += [_smoke_markdown(d.smoke, store, d.adapter) for d in deployments if d.smoke is not None]
-    lines += ["## Registered versions", "", "| kind | item | model | version | new |", "|---|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['item']} | {r['name']} | {r['version']} | {r['new']} |" for r in registered]
+    lines += [
+        "## Registered versions",
+        "",
+        "| kind | item | model | version | new | served |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['kind']} | {r['item']} | {r['name']} | {r['version']} | {r['new']} | {r.get('served', '-')} |"
+              for r in registered]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

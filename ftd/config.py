@@ -157,6 +157,11 @@ class SmokeSettings(Section):
     prompts: list[str] = Field(default_factory=list, description="Extra prompts (no expected answer).")
     max_new_tokens: int = Field(16, gt=0)
     include_base: bool = Field(True, description="Also score the base model (accuracy before SFT).")
+    served: bool = Field(
+        False,
+        description="Also gate every servable version through MLflow's scoring server (HTTP) before it is "
+        "registered: its answers must equal the gate's engine tokens (one server start per version).",
+    )
     thresholds: Thresholds = Thresholds()
 
 

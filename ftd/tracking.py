@@ -188,22 +188,24 @@ class Tracker:
     # ------------------------------------------------------------ registry
 
     def register(self, model_name: str, directory: Path, artifact_path: str, key: str, tags: dict[str, Any],
-                 write: Callable[[Path], None] | None = None) -> dict:  # fmt: skip
+                 write: Callable[[Path], dict | None] | None = None) -> dict:  # fmt: skip
         """Log `directory` under the run and register it, unless a version with this key exists.
 
         `write(folder)`, when given, writes what is logged instead (an MLflow Model around
-        `directory`); it runs only when a new version is created. Look-up and creation happen under
+        `directory`) and may return tags to add (or raise: nothing is registered); it runs only
+        when a new version is created. Look-up and creation happen under
         a file lock per model name in the artifacts folder: two runs finishing together would
         otherwise both find no version and both register one (or both try to create the registered
         model, and one fails)."""
         with self._registry_lock(model_name):
             existing = self.find_version(model_name, key)
             if existing is not None:
-                return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id}
+                return {"name": model_name, "version": existing.version, "new": False, "run_id": existing.run_id,
+                        "tags": dict(existing.tags)}  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 if write is not None:
                     directory = Path(tmp) / "model"
-                    write(directory)
+                    tags = {**tags, **(write(directory) or {})}  # a check of what was written may add tags
                 with_retries(
                     lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path),
                     f"log {artifact_path}",
@@ -220,7 +222,7 @@ class Tracker:
                 f"register {model_name}",
             )
         self.created_versions.append((model_name, version.version))
-        return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id}
+        return {"name": model_name, "version": version.version, "new": True, "run_id": self.run_id, "tags": all_tags}
 
     def _registry_lock(self, model_name: str):
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from ftd import builtin_models
 from ftd.errors import ConfigError, FtdError
 from ftd.integrity import check_weight_dir
-from ftd.store import Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
+from ftd.store import MANIFEST, Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
 
 STAGE = "base"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,7 +56,7 @@ def parse_base(value: str, revision: str | None = None) -> BaseSpec:
 def resolve_base(spec: BaseSpec, store: Store) -> Artifact:
     if spec.kind == "builtin":
         return _build_builtin(spec.name, store)
-    model_dir = Path(spec.name) if spec.kind == "local" else _download(spec)
+    model_dir = Path(spec.name) if spec.kind == "local" else download(spec)
 
     check_weight_dir(model_dir)  # before hashing: a truncated download is named, not trained on
     content = weights_digest(model_dir, store)
@@ -92,7 +92,7 @@ def _build_builtin(name: str, store: Store) -> Artifact:
     return artifact
 
 
-def _download(spec: BaseSpec) -> Path:
+def download(spec: BaseSpec) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -124,6 +124,25 @@ def _describe(model_dir: Path) -> dict:
         "model_type": config.get("model_type"),
         "weight_files": sorted(p.name for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)),
     }
+
+
+def files_digest(folder: Path) -> str:
+    """The digest of a base model's files (weights, config, tokenizer), wherever the folder is:
+    what a registered adapter records of its base, and checks when it is loaded."""
+    return tree_digest(folder, exclude={".cache", ".git", MANIFEST})
+
+
+def fetch(source: str, revision: str | None) -> Path:
+    """A base model's folder from its `base_model` value: rebuilt (builtin), found (local), or
+    downloaded (hub)."""
+    import tempfile
+
+    spec = parse_base(source, revision)
+    if spec.kind == "builtin":
+        folder = Path(tempfile.mkdtemp(prefix="ftd-base-"))
+        builtin_models.build_tiny_model(spec.name, folder)
+        return folder
+    return Path(spec.name) if spec.kind == "local" else download(spec)
 
 
 def model_dir(base: Artifact) -> Path:

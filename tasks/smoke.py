@@ -214,6 +214,8 @@ def smoke_test(
         tokenizer = load_tokenizer(adapter_dir(adapter, store))
         report = build_report(tokenizer, info["prompts"], generations, thresholds_for(target, settings), target.name)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        # the engine's greedy tokens per prompt: what a served version must answer (tests/test_serving.py)
+        (tmp / "engine_tokens.json").write_text(json.dumps([g.tokens for g in generations["engine"]]))
         (tmp / "report.md").write_text(report_markdown(report))
         if report["failures"]:
             raise GateFailed(f"parity gate failed for target {target.name}: " + "; ".join(report["failures"]), report)

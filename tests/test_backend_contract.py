@@ -45,7 +45,7 @@ def test_validate_names_the_backend_and_what_it_accepts(echo) -> None:
     with pytest.raises(ConfigError, match="takes no options"):
         get_backend("mindspore").options(target(backend="mindspore", options={"x": 1}))
     assert "echo_torch" in known()
-    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: accessory, .*echo_torch, mindspore"):
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: accessory, .*echo_torch, llama_cpp, mindspore"):
         get_backend("nope")
 
 

@@ -82,6 +82,8 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
     registered = {(r["kind"], r["item"]) for r in summary["registered"]}
     assert {("engine", "onnx-multi-lora"), ("engine", "onnx-multi-lora-int4")} <= registered
     assert ("engine", "gguf-multi-lora") in registered
+    # every servable version (3 adapters, 6 merged engines, 3 bundles) answers like its gate
+    assert served_versions_answer_like_their_gate(artifacts, summary) == 12
     assert {("adapter", n) for n in ("numbers", "numbers-imported", "next-digit")} <= registered
 
     # TensorRT-LLM + Triton: one bundle for all three adapters (ranks 8, 4, 16), verified on CPU;
@@ -104,3 +106,38 @@ def test_adding_an_adapter_reexports_only_that_adapter(tmp_path: Path) -> None:
     for name in ("numbers", "numbers-imported", "next-digit"):
         assert "engine not built" in m[f"{name}.trtllm-triton.skipped"]
     assert ("engine", "trtllm-triton") in registered
+
+
+def served_versions_answer_like_their_gate(artifacts: Path, summary: dict, prompts_per_adapter: int = 4) -> int:
+    """Every registered version tagged servable loads with mlflow.pyfunc and answers each adapter's
+    first eval prompts with exactly its gate's engine tokens (an adapter version: its reference
+    outputs). Returns how many versions were checked."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{artifacts / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{artifacts / 'mlflow.db'}")
+    keys = {(s["stage"], s["label"]): s["key"] for s in summary["stages"]}
+
+    def stored(stage: str, label: str) -> Path:
+        return next((artifacts / "store" / stage).glob(keys[(stage, label)] + "*"))
+
+    checked = 0
+    for r in summary["registered"]:
+        version = client.get_model_version(r["name"], r["version"])
+        if version.tags.get("ftd.servable") != "chat":
+            continue
+        model = mlflow.pyfunc.load_model(f"models:/{r['name']}/{r['version']}")
+        adapters = [r["item"]] if r["kind"] == "adapter" else version.tags["ftd.adapters"].split(",")
+        for adapter in adapters:
+            info = json.loads((stored("reference", adapter) / "prompts.json").read_text())
+            if r["kind"] == "adapter":
+                expected = json.loads((stored("reference", adapter) / "tokens.json").read_text())["adapter"]
+            else:
+                target = r["item"].split("/")[-1]
+                expected = json.loads((stored("smoke", f"{adapter}/{target}") / "engine_tokens.json").read_text())
+            custom = {"custom_inputs": {"adapter": adapter}} if len(adapters) > 1 else {}
+            for p, tokens in list(zip(info["prompts"], expected))[:prompts_per_adapter]:
+                answer = model.predict({"messages": p["messages"], "max_tokens": 8, **custom})
+                assert answer["custom_outputs"]["tokens"] == tokens, (r["name"], adapter, p)
+        checked += 1
+    return checked

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -30,9 +31,8 @@ GGUF = "targets.2={name: gguf-multi-lora, backend: llama_cpp, mode: multi_lora, 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     artifacts = tmp_path_factory.mktemp("serving") / "artifacts"
-    result = run_ftd(
-        artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", GGUF, "--set", "smoke.max_prompts=16"
-    )
+    result = run_ftd(artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", GGUF, "--set", "smoke.max_prompts=16",
+                     "--set", "smoke.served=true")  # fmt: skip
     assert result.code == 0, result.stderr[-3000:]
     return {"artifacts": artifacts, "summary": result.summary}
 
@@ -69,6 +69,48 @@ def test_every_registered_engine_loads_and_answers_like_the_gate(run: dict) -> N
             assert model.predict(request)["custom_outputs"]["tokens"] == tokens, (item, adapter, p)
     version = mlflow.MlflowClient().get_model_version("tiny-llama-onnx-multi-lora", "1")
     assert version.tags["ftd.servable"] == "chat" and version.tags["ftd.adapters"] == "numbers,imported"
+
+
+def test_the_gate_ran_through_the_scoring_server_before_each_version_was_registered(run: dict) -> None:
+    """smoke.served: every version was served by `mlflow models serve` and asked each adapter's 16
+    gate prompts over HTTP before it was registered; the report and the version's tag say so."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
+    registered = run["summary"]["registered"]
+    assert len(registered) == 6  # 2 adapters, 2 merged engines, 2 bundles
+    for r in registered:
+        prompts = 32 if r["item"] in ("onnx-multi-lora", "gguf-multi-lora") else 16
+        assert r["served"].startswith(f"passed: {prompts} prompts over HTTP"), r
+        assert client.get_model_version(r["name"], r["version"]).tags["ftd.served"] == r["served"]
+
+
+def test_every_registered_adapter_is_a_model_over_its_verified_base(run: dict) -> None:
+    """An adapter version stores only the adapter; loading it rebuilds the base and checks its
+    files' digest, and its answers and logits are the adapter's reference outputs."""
+    import mlflow
+    import numpy as np
+
+    from tasks.smoke import load_generations
+
+    mlflow.set_tracking_uri(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
+    uris = {r["item"]: f"models:/{r['name']}/{r['version']}" for r in run["summary"]["registered"]
+            if r["kind"] == "adapter"}  # fmt: skip
+    assert set(uris) == {"numbers", "imported"}
+    stages = {(s["stage"], s["label"]): s["key"] for s in run["summary"]["stages"]}
+    for adapter, uri in uris.items():
+        model = mlflow.pyfunc.load_model(uri)
+        ref = run["artifacts"] / "store" / "reference" / stages[("reference", adapter)]
+        info = json.loads((ref / "prompts.json").read_text())
+        expected = load_generations(ref)["adapter"]
+        engine = model.unwrap_python_model()._engine(adapter)
+        for i, (p, ids) in enumerate(list(zip(info["prompts"], info["ids"]))[:6]):
+            answer = model.predict({"messages": p["messages"], "max_tokens": 8})
+            assert answer["custom_outputs"]["tokens"] == expected[i].tokens, (adapter, p)
+            logits = engine.greedy(ids, 8, info["eos"]).logits
+            assert max(float(np.abs(a - b).max()) for a, b in zip(logits, expected[i].logits)) < 1e-4
+        files = {p.name for p in Path(model.unwrap_python_model().engine_dir).iterdir()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files  # the base is not stored
 
 
 def ftd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:

@@ -1,2 +1,3 @@
-"""Serving what was registered: each gated engine as an MLflow Model with a chat interface
-(`chat_model.py`, loaded by MLflow from code), written at registration (`package.py`)."""
+"""Serving what was registered: each gated engine, and each adapter over its verified base, as an
+MLflow Model with a chat interface (`chat.py`; the files MLflow loads from code: `chat_model.py`,
+`adapter_model.py`), written at registration (`package.py`)."""

@@ -16,6 +16,8 @@ import tasks
 from ftd.config import TargetConfig
 
 CHAT_MODEL = Path(__file__).with_name("chat_model.py")
+ADAPTER_MODEL = Path(__file__).with_name("adapter_model.py")
+ADAPTER_LIBRARIES = ("torch", "peft", "safetensors", "accelerate", "huggingface-hub")
 # What the chat model imports itself, besides its backend's libraries; pinned to what is installed.
 SERVING_LIBRARIES = ("mlflow", "numpy", "pydantic", "pyyaml", "transformers", "tokenizers", "jinja2")
 DEFAULT_CONTEXT = 2048
@@ -47,17 +49,28 @@ def context_length(model_dir: Path) -> int:
 def write_chat_model(out: Path, engine_dir: Path, target: TargetConfig, adapters: list[ServedAdapter],
                      model_dir: Path, model_name: str, libraries: tuple[str, ...]) -> None:  # fmt: skip
     """Write the MLflow Model folder `out` (which must not exist) for `engine_dir`."""
+    spec = {"target": target.model_dump(mode="json"), "context_length": context_length(model_dir)}
+    _save(out, CHAT_MODEL, engine_dir, spec, adapters, model_name, libraries)
+
+
+def write_adapter_model(out: Path, adapter: ServedAdapter, adapter_path: Path, base: dict, model_dir: Path,
+                        model_name: str) -> None:  # fmt: skip
+    """The PEFT adapter as an MLflow Model: its own files, and `base` (source, revision,
+    weights_digest, trust_remote_code) by reference, checked when the model is loaded."""
+    spec = {"base": base, "context_length": context_length(model_dir)}
+    _save(out, ADAPTER_MODEL, adapter_path, spec, [adapter], model_name, ADAPTER_LIBRARIES)
+
+
+def _save(out: Path, python_model: Path, engine_dir: Path, spec: dict, adapters: list[ServedAdapter],
+          model_name: str, libraries: tuple[str, ...]) -> None:  # fmt: skip
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for a in adapters:
             shutil.copytree(a.tokenizer_dir, work / "tokenizers" / a.name, ignore=_not_tokenizer)
-        spec = {
-            "format": 1, "model": model_name, "target": target.model_dump(mode="json"),
-            "context_length": context_length(model_dir),
-            "adapters": {a.name: {"tokenizer": a.name, "eos": list(a.eos)} for a in adapters},
-        }  # fmt: skip
+        spec = {"format": 1, "model": model_name, **spec,
+                "adapters": {a.name: {"tokenizer": a.name, "eos": list(a.eos)} for a in adapters}}  # fmt: skip
         (work / "serving.json").write_text(json.dumps(spec, indent=2))
         code = []
         for package in (ftd, tasks):  # the source this version was gated with, without caches
@@ -69,7 +82,7 @@ def write_chat_model(out: Path, engine_dir: Path, target: TargetConfig, adapters
                    "stream": False,
                    **({"custom_inputs": {"adapter": first}} if len(adapters) > 1 else {})}  # fmt: skip
         mlflow.pyfunc.save_model(  # MLflow runs the example once: a version that cannot answer is not registered
-            path=str(out), python_model=str(CHAT_MODEL), code_paths=code, pip_requirements=requirements(libraries),
+            path=str(out), python_model=str(python_model), code_paths=code, pip_requirements=requirements(libraries),
             input_example=example,
             artifacts={"engine": str(engine_dir), "serving": str(work / "serving.json"),
                        "tokenizers": str(work / "tokenizers")},

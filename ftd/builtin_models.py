@@ -136,13 +136,15 @@ def make_config(recipe: TinyRecipe, tokenizer=None):
     return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
-def build_tiny_model(name: str, out_dir: Path) -> dict:
-    """Write a builtin's HF model directory (safetensors + tokenizer) into `out_dir`."""
+def build_tiny_model(name: str, out_dir: Path, corpus: Path = CORPUS) -> dict:
+    """Write a builtin's HF model directory (safetensors + tokenizer) into `out_dir` (`corpus`:
+    the tokenizer's training text, elsewhere when the repository is not at hand, as in a served
+    adapter model)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     recipe = BUILTINS[name]
-    tokenizer = train_tokenizer(recipe)
+    tokenizer = train_tokenizer(recipe, corpus)
     config = make_config(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -132,15 +132,15 @@ def files_digest(folder: Path) -> str:
     return tree_digest(folder, exclude={".cache", ".git", MANIFEST})
 
 
-def fetch(source: str, revision: str | None) -> Path:
-    """A base model's folder from its `base_model` value: rebuilt (builtin), found (local), or
-    downloaded (hub)."""
+def fetch(source: str, revision: str | None, corpus: Path = builtin_models.CORPUS) -> Path:
+    """A base model's folder from its `base_model` value: rebuilt (builtin, its tokenizer from
+    `corpus`), found (local), or downloaded (hub)."""
     import tempfile
 
     spec = parse_base(source, revision)
     if spec.kind == "builtin":
         folder = Path(tempfile.mkdtemp(prefix="ftd-base-"))
-        builtin_models.build_tiny_model(spec.name, folder)
+        builtin_models.build_tiny_model(spec.name, folder, corpus)
         return folder
     return Path(spec.name) if spec.kind == "local" else download(spec)
 

@@ -103,13 +103,13 @@ def test_every_registered_adapter_is_a_model_over_its_verified_base(run: dict) -
         ref = run["artifacts"] / "store" / "reference" / stages[("reference", adapter)]
         info = json.loads((ref / "prompts.json").read_text())
         expected = load_generations(ref)["adapter"]
-        engine = model.unwrap_python_model()._engine(adapter)
+        engine = model._model_impl.chat_model._engine(adapter)  # MLflow's ChatModel wrapper has no public accessor
         for i, (p, ids) in enumerate(list(zip(info["prompts"], info["ids"]))[:6]):
             answer = model.predict({"messages": p["messages"], "max_tokens": 8})
             assert answer["custom_outputs"]["tokens"] == expected[i].tokens, (adapter, p)
             logits = engine.greedy(ids, 8, info["eos"]).logits
             assert max(float(np.abs(a - b).max()) for a, b in zip(logits, expected[i].logits)) < 1e-4
-        files = {p.name for p in Path(model.unwrap_python_model().engine_dir).iterdir()}
+        files = {p.name for p in Path(model._model_impl.chat_model.engine_dir).iterdir()}
         assert "adapter_model.safetensors" in files and "model.safetensors" not in files  # the base is not stored
 
 

@@ -163,7 +163,8 @@ class AdapterChatModel(FtdChatModel):
 
     def load_context(self, context) -> None:
         self._load_common(context)
-        self.base_dir = verified_base(self.spec["base"])
+        corpus = context.artifacts.get("corpus")  # a builtin base's tokenizer corpus, stored with the model
+        self.base_dir = verified_base(self.spec["base"], Path(corpus) if corpus else None)
 
     def _open(self, adapter: str):
         import torch
@@ -175,12 +176,12 @@ class AdapterChatModel(FtdChatModel):
         return TorchEngine(PeftModel.from_pretrained(base, self.engine_dir).eval(), self.tokenizers[adapter])
 
 
-def verified_base(base: dict) -> Path:
+def verified_base(base: dict, corpus: Path | None = None) -> Path:
     """The base model's folder (rebuilt, found or downloaded), whose files' digest must equal the
     one recorded at registration."""
     from tasks.base_model import fetch, files_digest
 
-    folder = fetch(base["source"], base.get("revision"))
+    folder = fetch(base["source"], base.get("revision"), *([corpus] if corpus else []))
     found = files_digest(folder)
     if found != base["files_digest"]:
         raise MlflowException(

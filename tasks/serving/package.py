@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ftd
 import tasks
+from ftd import builtin_models
 from ftd.config import TargetConfig
 
 CHAT_MODEL = Path(__file__).with_name("chat_model.py")
@@ -58,11 +59,13 @@ def write_adapter_model(out: Path, adapter: ServedAdapter, adapter_path: Path, b
     """The PEFT adapter as an MLflow Model: its own files, and `base` (source, revision,
     weights_digest, trust_remote_code) by reference, checked when the model is loaded."""
     spec = {"base": base, "context_length": context_length(model_dir)}
-    _save(out, ADAPTER_MODEL, adapter_path, spec, [adapter], model_name, ADAPTER_LIBRARIES)
+    # a builtin base is rebuilt where the model is loaded: its tokenizer's corpus travels with it
+    extra = {"corpus": str(builtin_models.CORPUS)} if base["source"].startswith("builtin:") else {}
+    _save(out, ADAPTER_MODEL, adapter_path, spec, [adapter], model_name, ADAPTER_LIBRARIES, extra)
 
 
 def _save(out: Path, python_model: Path, engine_dir: Path, spec: dict, adapters: list[ServedAdapter],
-          model_name: str, libraries: tuple[str, ...]) -> None:  # fmt: skip
+          model_name: str, libraries: tuple[str, ...], extra_artifacts: dict | None = None) -> None:  # fmt: skip
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +88,7 @@ def _save(out: Path, python_model: Path, engine_dir: Path, spec: dict, adapters:
             path=str(out), python_model=str(python_model), code_paths=code, pip_requirements=requirements(libraries),
             input_example=example,
             artifacts={"engine": str(engine_dir), "serving": str(work / "serving.json"),
-                       "tokenizers": str(work / "tokenizers")},
+                       "tokenizers": str(work / "tokenizers"), **(extra_artifacts or {})},
         )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,3 +42,22 @@ def run_ftd(
 @pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
     return tmp_path / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def trained_default(tmp_path_factory) -> Path:
+    """The default experiment, run once per session (on first use): its store seeds the e2e tests
+    that need the default adapter trained but do not test training itself (`seed_store`)."""
+    artifacts = tmp_path_factory.mktemp("trained-default") / "artifacts"
+    result = run_ftd(artifacts)
+    assert result.code == 0, result.stderr[-3000:]
+    return artifacts
+
+
+def seed_store(trained: Path, artifacts: Path) -> Path:
+    """`artifacts` starts with a copy of `trained`'s content-addressed store (hard links: stored
+    artifacts are never written in place) and nothing else: no run records, no databases, so a
+    run there is not "up to date", but its steps already computed are cache hits."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(trained / "store", artifacts / "store", copy_function=os.link)
+    return artifacts

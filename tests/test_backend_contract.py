@@ -18,6 +18,7 @@ from ftd.errors import ConfigError, GateFailed
 from ftd.store import Artifact
 from tasks.backends.base import Backend, Deployment, Status
 from tasks.backends.registry import get_backend, known, register, unregister
+from tests.conftest import seed_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +104,8 @@ def test_report_line_per_status() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_artifacts(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("contract") / "artifacts"
+def shared_artifacts(tmp_path_factory, trained_default) -> Path:
+    return seed_store(trained_default, tmp_path_factory.mktemp("contract") / "artifacts")
 
 
 def run_with_fakes(artifacts: Path, summary_path: Path, *overrides: str) -> subprocess.CompletedProcess:

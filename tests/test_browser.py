@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ftd.servers import start_servers, stop_servers, wait_healthy
-from tests.conftest import DEFAULT_CONFIG, ROOT
+from tests.conftest import DEFAULT_CONFIG, ROOT, seed_store
 
 pytestmark = pytest.mark.e2e
 SCREENSHOTS = ROOT / "artifacts" / "test-output" / "screenshots"
@@ -47,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prefect_and_mlflow_uis_show_the_run(tmp_path: Path) -> None:
+def test_prefect_and_mlflow_uis_show_the_run(tmp_path: Path, trained_default: Path) -> None:
     browser_path = chromium()
     from playwright.sync_api import sync_playwright
 
-    artifacts = tmp_path / "artifacts"
+    artifacts = seed_store(trained_default, tmp_path / "artifacts")
     prefect_port, mlflow_port = free_port(), free_port()
     saved = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
     servers = start_servers(artifacts, prefect_port, mlflow_port, tmp_path / "logs")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_CONFIG, ROOT
+from tests.conftest import DEFAULT_CONFIG, ROOT, seed_store
 
 pytestmark = pytest.mark.e2e
 
@@ -61,10 +61,10 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def test_served_deployment_is_scheduled_and_runs_when_triggered(tmp_path: Path) -> None:
+def test_served_deployment_is_scheduled_and_runs_when_triggered(tmp_path: Path, trained_default: Path) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    artifacts = tmp_path / "artifacts"
+    artifacts = seed_store(trained_default, tmp_path / "artifacts")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_ftd
+from tests.conftest import ROOT, run_ftd, seed_store
 
 pytestmark = pytest.mark.e2e
 CONFIG = ROOT / "configs" / "other-backends.yaml"
 
 
-def test_other_backends(tmp_path: Path) -> None:
-    artifacts = tmp_path / "artifacts"
+def test_other_backends(tmp_path: Path, trained_default: Path) -> None:
+    artifacts = seed_store(trained_default, tmp_path / "artifacts")
     result = run_ftd(artifacts, config=CONFIG)
     assert result.code == 0, result.stderr[-4000:]
     m, summary = result.summary["metrics"], result.summary

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_ftd
+from tests.conftest import ROOT, run_ftd, seed_store
 
 pytestmark = pytest.mark.e2e
 # an adapter trained elsewhere (rsLoRA, r=16): imported, not trained, so the run stays short
@@ -29,8 +29,8 @@ GGUF = "targets.2={name: gguf-multi-lora, backend: llama_cpp, mode: multi_lora, 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    artifacts = tmp_path_factory.mktemp("serving") / "artifacts"
+def run(tmp_path_factory, trained_default) -> dict:
+    artifacts = seed_store(trained_default, tmp_path_factory.mktemp("serving") / "artifacts")
     result = run_ftd(artifacts, "--set", SECOND_ADAPTER, "--set", BUNDLE, "--set", GGUF, "--set", "smoke.max_prompts=16",
                      "--set", "smoke.served=true")  # fmt: skip
     assert result.code == 0, result.stderr[-3000:]

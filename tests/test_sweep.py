@@ -16,7 +16,7 @@ import yaml
 
 from ftd.errors import ConfigError
 from ftd.sweep import load_sweep, point_overrides
-from tests.conftest import ROOT
+from tests.conftest import ROOT, seed_store
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +46,8 @@ def run_sweep(sweep: Path, tmp_path: Path) -> dict:
     return json.loads(summary_path.read_text())
 
 
-def test_sweep_compares_shares_and_promotes_only_a_passing_point(tmp_path: Path) -> None:
-    artifacts = tmp_path / "artifacts"
+def test_sweep_compares_shares_and_promotes_only_a_passing_point(tmp_path: Path, trained_default: Path) -> None:
+    artifacts = seed_store(trained_default, tmp_path / "artifacts")  # point 0 is the default: its chain is cached
     sweep = write_sweep(tmp_path, artifacts)
     summary = run_sweep(sweep, tmp_path)
     points = {p["point"]: p for p in summary["points"]}

@@ -9,11 +9,13 @@ its logits were off by 3). Calls are serialised: one context decodes one sequenc
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ class LoadedGguf:
         self.active: str | None = None
         self._set(None)
         self.lock = threading.Lock()
+        # closed before the interpreter tears modules down (llama-cpp-python's __del__ would fail then)
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     def _set(self, adapter: str | None) -> None:
         lc = self.llama_cpp
@@ -96,6 +100,12 @@ class LoadedGguf:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _close_if_alive(ref: weakref.ref) -> None:
+    model = ref()
+    if model is not None:
+        model.close()
 
 
 @functools.lru_cache(maxsize=2)

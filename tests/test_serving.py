@@ -85,6 +85,22 @@ def test_the_gate_ran_through_the_scoring_server_before_each_version_was_registe
         assert client.get_model_version(r["name"], r["version"]).tags["ftd.served"] == r["served"]
 
 
+def test_the_served_gate_fails_on_an_answer_that_differs(run: dict) -> None:
+    """The same check on a registered model with one expected answer changed: it fails, naming it."""
+    import mlflow
+
+    from ftd.errors import GateFailed
+    from tasks.serving.served import ServedCase, check_served
+
+    mlflow.set_tracking_uri(f"sqlite:///{run['artifacts'] / 'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts(versions(run)["numbers/onnx-fp32"]))
+    prompts, expected = reference(run, "numbers")
+    cases = [ServedCase("numbers", p["messages"], t) for p, t in zip(prompts[:2], expected[:2])]
+    cases[1] = ServedCase("numbers", cases[1].messages, [*cases[1].tokens[:-1], cases[1].tokens[-1] + 1])
+    with pytest.raises(GateFailed, match=r"served gate: 1 of 2 answers differ: prompt 1 \(numbers\)"):
+        check_served(local, cases, 8, False, f"sqlite:///{run['artifacts'] / 'mlflow.db'}", run["artifacts"] / "logs")
+
+
 def test_every_registered_adapter_is_a_model_over_its_verified_base(run: dict) -> None:
     """An adapter version stores only the adapter; loading it rebuilds the base and checks its
     files' digest, and its answers and logits are the adapter's reference outputs."""

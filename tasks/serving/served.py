@@ -2,7 +2,7 @@
 yet registered, is started with MLflow's own scoring server (`mlflow models serve`, 127.0.0.1,
 its own process group), asked every gate prompt over HTTP — each adapter of a bundle — and must
 answer with exactly the tokens the engine gave the gate. A mismatch or a failed request fails
-the version, which is then not registered."""
+the run like a missed threshold: registration is all or nothing, so nothing of it is registered."""
 
 from __future__ import annotations
 

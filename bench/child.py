@@ -142,13 +142,19 @@ def decode_og(args: dict) -> dict:
 
 def decode_og_pair(args: dict) -> dict:
     """A multi-LoRA engine (adapter active) and the merged engine it is compared with, in one
-    process, generations alternating (merged, multi; multi, merged; ...): each pass's ratio
-    compares two generations a fraction of a second apart, so a slow phase of a shared machine
-    hits both. Returns the median ratio of time per token (multi over merged) and each's rate."""
-    import statistics
-
+    process, generations alternating (see `_alternating`)."""
     engines = {"merged": _og_generate(args["model"], None, args["prompt"]),
                "multi": _og_generate(args["multi_model"], args["adapter_file"], args["prompt"])}  # fmt: skip
+    return _alternating(engines, args)
+
+
+def _alternating(engines: dict, args: dict) -> dict:
+    """Generations alternating (merged, multi; multi, merged; ...): each pass's ratio compares two
+    generations a fraction of a second apart, so a slow phase of a shared machine hits both.
+    Returns the median ratio of time per token (multi over merged), each's rate, the tokens and
+    their agreement."""
+    import statistics
+
     for once in engines.values():
         once(8)  # warm-up
     rates: dict[str, list[float]] = {"merged": [], "multi": []}
@@ -158,7 +164,8 @@ def decode_og_pair(args: dict) -> dict:
             stamps, tokens[name] = engines[name](args["new_tokens"])
             rates[name].append(_steady_rate(stamps))
     ratios = [merged / multi for merged, multi in zip(rates["merged"], rates["multi"], strict=True)]
-    return {"ms_per_token_ratio": statistics.median(ratios), "ratios": ratios,
+    agreement = sum(a == b for a, b in zip(tokens["merged"], tokens["multi"])) / max(1, len(tokens["merged"]))
+    return {"ms_per_token_ratio": statistics.median(ratios), "ratios": ratios, "agreement": agreement,
             "merged_tokens_per_s": statistics.median(rates["merged"]),
             "multi_tokens_per_s": statistics.median(rates["multi"]), "tokens": tokens}  # fmt: skip
 
@@ -199,24 +206,10 @@ def decode_gguf(args: dict) -> dict:
 
 def decode_gguf_pair(args: dict) -> dict:
     """The merged GGUF and the base GGUF with the adapter's LoRA GGUF active, in one process,
-    generations alternating (as decode_og_pair)."""
-    import statistics
-
+    generations alternating (see `_alternating`)."""
     engines = {"merged": _gguf_generate(args["model"], args["threads"], "f32", args["prompt"]),
                "multi": _gguf_generate(args["base"], args["threads"], "f32", args["prompt"], args["lora"])}  # fmt: skip
-    for once in engines.values():
-        once(8)  # warm-up
-    rates: dict[str, list[float]] = {"merged": [], "multi": []}
-    tokens: dict[str, list[int]] = {}
-    for i in range(args["passes"]):
-        for name in ("merged", "multi") if i % 2 == 0 else ("multi", "merged"):
-            stamps, tokens[name] = engines[name](args["new_tokens"])
-            rates[name].append(_steady_rate(stamps))
-    ratios = [merged / multi for merged, multi in zip(rates["merged"], rates["multi"], strict=True)]
-    agreement = sum(a == b for a, b in zip(tokens["merged"], tokens["multi"])) / len(tokens["merged"])
-    return {"ms_per_token_ratio": statistics.median(ratios), "ratios": ratios, "agreement": agreement,
-            "merged_tokens_per_s": statistics.median(rates["merged"]),
-            "multi_tokens_per_s": statistics.median(rates["multi"])}  # fmt: skip
+    return _alternating(engines, args)
 
 
 JOBS = {"merge-ours": merge_ours, "merge-peft": merge_peft, "decode-hf": decode_hf, "decode-og": decode_og,

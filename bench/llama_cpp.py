@@ -46,7 +46,7 @@ def _gguf(work: Path, hf_dir: Path, kind: str, sources: dict) -> tuple[Path, dic
 
 
 def bench_llama_cpp(work: Path, spec: dict, threads: int, bandwidth_bytes: int, log) -> dict:
-    from bench.run import graph_weight_bytes, read_bandwidth, run_child, set_threads
+    from bench.run import decode_model_record, graph_weight_bytes, read_bandwidth, run_child, set_threads
     from ftd.config import MergeSettings
     from tasks.backends.llama_cpp import convert
     from tasks.backends.llama_cpp.options import QUANTIZED
@@ -125,13 +125,7 @@ def bench_llama_cpp(work: Path, spec: dict, threads: int, bandwidth_bytes: int, 
     shutil.rmtree(work, ignore_errors=True)
     return {
         "name": spec["name"],
-        "model": {
-            "config": {k: spec[k] for k in ("hidden", "intermediate", "layers", "vocab", "heads")},
-            "parameters": info["parameters"],
-            "prompt_tokens": len(prompt),
-            "new_tokens": spec["new_tokens"],
-            "adapter": "r=16, all 7 projections, random non-zero B",
-        },  # fmt: skip
+        "model": decode_model_record(spec, info, prompt),
         "threads": threads,
         "repeats": spec["repeats"],
         "bandwidth_gb_per_s": stats([b / GB for b in bandwidths]),

@@ -427,6 +427,17 @@ ENGINE_SPECS = {
 MULTI_LORA = {"multi-lora": "fp32", "multi-lora-int4": "int4"}  # each against the merged engine of its precision
 
 
+def decode_model_record(spec: dict, info: dict, prompt: list[int]) -> dict:
+    """What a decode benchmark's results say about its model (shared with bench/llama_cpp.py)."""
+    return {
+        "config": {k: spec[k] for k in ("hidden", "intermediate", "layers", "vocab", "heads")},
+        "parameters": info["parameters"],
+        "prompt_tokens": len(prompt),
+        "new_tokens": spec["new_tokens"],
+        "adapter": "r=16, all 7 projections, random non-zero B",
+    }
+
+
 def bench_decode(work: Path, spec: dict, threads: int, bandwidth_bytes: int, log) -> dict:
     """Batch-1 greedy decode of `spec["engines"]` and transformers `generate` on one random Llama.
     The read bandwidth is measured again before every round, and each run's fraction of the bound
@@ -519,13 +530,7 @@ def bench_decode(work: Path, spec: dict, threads: int, bandwidth_bytes: int, log
     shutil.rmtree(work, ignore_errors=True)
     return {
         "name": spec["name"],
-        "model": {
-            "config": {k: spec[k] for k in ("hidden", "intermediate", "layers", "vocab", "heads")},
-            "parameters": info["parameters"],
-            "prompt_tokens": len(prompt),
-            "new_tokens": spec["new_tokens"],
-            "adapter": "r=16, all 7 projections, random non-zero B",
-        },  # fmt: skip
+        "model": decode_model_record(spec, info, prompt),
         "repeats": spec["repeats"],
         "passes": spec.get("passes", 1),
         "pair_passes": spec.get("pair_passes"),

@@ -116,8 +116,10 @@ def chat_model_writer(target: TargetConfig, group: list[Deployment], chains: dic
     served = [ServedAdapter(d.adapter, adapter_dir(chains[d.adapter].adapter, store),
                             reference_eos(chains[d.adapter].reference, store)) for d in group]  # fmt: skip
     merged_dir = chains[group[0].adapter].merged.path(store)
-    libraries = get_backend(target.backend).libraries
-    return lambda out: write_chat_model(out, engine.path(store), target, served, merged_dir, model_name, libraries)
+    backend = get_backend(target.backend)
+    engine_context = backend.context_length(engine.path(store), target)
+    return lambda out: write_chat_model(out, engine.path(store), target, served, merged_dir, model_name,
+                                        backend.libraries, engine_context)  # fmt: skip
 
 
 def adapter_model_writer(cfg: ExperimentConfig, base: Artifact, chain: AdapterChain, store: Store, model_name: str):

@@ -215,3 +215,13 @@ def test_install_without_cmake_records_the_reason_and_succeeds(tmp_path: Path) -
     assert "llama.cpp backend unavailable: cmake is not installed" in proc.stderr
     recorded = venv / "share" / "ftd-llama.cpp" / "UNAVAILABLE"
     assert recorded.read_text().startswith("cmake is not installed; llama-cpp-python is built from source")
+
+
+def test_a_served_bundle_limits_requests_to_its_engines_context(tmp_path: Path) -> None:
+    """The GGUF bundle's n_ctx (at most 4096 by default) is shorter than a 128k model's context: the
+    chat model is told, so a too-long request is a 400, not an engine failure."""
+    (tmp_path / "ftd-gguf.json").write_text(json.dumps(manifest(multi=False)))
+    assert BACKEND.context_length(tmp_path, target()) == 256
+    from tasks.backends.base import Backend
+
+    assert Backend().context_length(tmp_path, target()) is None  # other engines: the model's context

@@ -178,6 +178,11 @@ class Backend:
         """A runtime for the smoke test; `adapter`: the one to activate in a multi-adapter bundle."""
         raise NotImplementedError(f"backend {self.name} has no runtime in ftd")
 
+    def context_length(self, engine_dir: Path, target: TargetConfig) -> int | None:
+        """The longest prompt + answer the built engine takes, where it is shorter than the model's
+        (a served model refuses longer requests with a 400 instead of failing in the engine)."""
+        return None
+
 
 def parse_options(target: TargetConfig, schema: type[OptionsT]) -> OptionsT:
     """A target's backend-specific `options`, validated by the backend's schema; errors name the key path."""

@@ -48,9 +48,12 @@ def context_length(model_dir: Path) -> int:
 
 
 def write_chat_model(out: Path, engine_dir: Path, target: TargetConfig, adapters: list[ServedAdapter],
-                     model_dir: Path, model_name: str, libraries: tuple[str, ...]) -> None:  # fmt: skip
-    """Write the MLflow Model folder `out` (which must not exist) for `engine_dir`."""
-    spec = {"target": target.model_dump(mode="json"), "context_length": context_length(model_dir)}
+                     model_dir: Path, model_name: str, libraries: tuple[str, ...],
+                     engine_context: int | None = None) -> None:  # fmt: skip
+    """Write the MLflow Model folder `out` (which must not exist) for `engine_dir`; requests are
+    limited to the model's context, or the engine's (`engine_context`) where it is shorter."""
+    limit = min(context_length(model_dir), engine_context or context_length(model_dir))
+    spec = {"target": target.model_dump(mode="json"), "context_length": limit}
     _save(out, CHAT_MODEL, engine_dir, spec, adapters, model_name, libraries)
 
 

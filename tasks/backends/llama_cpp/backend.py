@@ -26,7 +26,7 @@ from tasks.backends.llama_cpp.options import (
     options_of,
     precision_of,
 )
-from tasks.backends.llama_cpp.runtime import GgufEngine, loaded
+from tasks.backends.llama_cpp.runtime import MANIFEST, GgufEngine, loaded
 from tasks.base_model import model_dir
 
 
@@ -98,6 +98,9 @@ class LlamaCpp(Backend):
         if precision in CONVERTED:
             return gguf
         return ctx.run(convert.quantize_task, label, source=gguf, precision=precision)
+
+    def context_length(self, engine_dir: Path, target: TargetConfig) -> int | None:
+        return json.loads((Path(engine_dir) / MANIFEST).read_text())["n_ctx"]
 
     def open(self, engine_dir: Path, target: TargetConfig, adapter: str | None = None) -> GgufEngine:
         model = loaded(Path(engine_dir).resolve())

@@ -77,7 +77,7 @@ class LlamaCpp(Backend):
             for a in adapters:
                 gguf = self._model_gguf(ctx, target, a.merged, f"{a.name}/{target.name}")
                 engine = ctx.run(bundle.bundle_task, f"{a.name}/{target.name}", model=gguf, loras=[],
-                                 adapters=[a.adapter], target=target, n_ctx=n_ctx)  # fmt: skip
+                                 adapters=[a.adapter], base=ctx.base, target=target, n_ctx=n_ctx)  # fmt: skip
                 deployments.append(self.deployment(target, a.name, engine))
             return deployments
         gguf = self._model_gguf(ctx, target, ctx.base, target.name)
@@ -85,7 +85,7 @@ class LlamaCpp(Backend):
         loras = [ctx.run(convert.adapter_task, f"{a.name}/{target.name}", base=ctx.base, adapter=a.adapter,
                          lora_type=lora_type) for a in adapters]  # fmt: skip
         engine = ctx.run(bundle.bundle_task, target.name, model=gguf, loras=loras,
-                         adapters=[a.adapter for a in adapters], target=target, n_ctx=n_ctx)  # fmt: skip
+                         adapters=[a.adapter for a in adapters], base=ctx.base, target=target, n_ctx=n_ctx)  # fmt: skip
         return [self.deployment(target, a.name, engine) for a in adapters]
 
     def _model_gguf(self, ctx: DeployContext, target: TargetConfig, model: Artifact, label: str) -> Artifact:

@@ -26,6 +26,7 @@ from tasks.backends.llama_cpp import template, tools
 from tasks.backends.llama_cpp.convert import LORA_FILE, MODEL_FILE
 from tasks.backends.llama_cpp.options import kv_cache_type, options_of, precision_of
 from tasks.backends.llama_cpp.runtime import MANIFEST
+from tasks.base_model import model_dir
 from tasks.sft import adapter_dir
 
 BUNDLE = "gguf-bundle"
@@ -33,13 +34,13 @@ DEFAULT_MAX_CTX = 4096  # a 128k-context model's full KV cache would not fit a l
 PORT = 8080
 
 
-def bundle_key(model: Artifact, loras: list[Artifact], adapters: list[Artifact], target: TargetConfig,
-               n_ctx: int) -> str:  # fmt: skip
+def bundle_key(model: Artifact, loras: list[Artifact], adapters: list[Artifact], base: Artifact,
+               target: TargetConfig, n_ctx: int) -> str:  # fmt: skip
     return stage_key(
         BUNDLE,
         code=code_version(__file__, template.__file__),
         config={"target": target.model_dump(mode="json", exclude={"name", "thresholds"}), "n_ctx": n_ctx},
-        inputs=[model.key, *[a.key for a in loras], *[a.key for a in adapters]],
+        inputs=[model.key, *[a.key for a in loras], *[a.key for a in adapters], base.key],
         libraries=library_versions("llama-cpp-python", "transformers"),
     )
 
@@ -52,8 +53,8 @@ def context_length(model_config: dict, target: TargetConfig) -> int:
     return min(int(model_config.get("max_position_embeddings") or DEFAULT_MAX_CTX), DEFAULT_MAX_CTX)
 
 
-def assemble_bundle(model: Artifact, loras: list[Artifact], adapters: list[Artifact], target: TargetConfig,
-                    n_ctx: int, store: Store) -> Artifact:  # fmt: skip
+def assemble_bundle(model: Artifact, loras: list[Artifact], adapters: list[Artifact], base: Artifact,
+                    target: TargetConfig, n_ctx: int, store: Store) -> Artifact:  # fmt: skip
     """`loras` empty: a merged engine for the single adapter in `adapters` (its weights are in
     `model`); else one LoRA GGUF per adapter, in the same order."""
     from tasks.modeling import eos_token_ids, load_tokenizer
@@ -68,7 +69,7 @@ def assemble_bundle(model: Artifact, loras: list[Artifact], adapters: list[Artif
             name = adapter.meta["adapter_name"]
             folder = adapter_dir(adapter, store)
             tokenizer = load_tokenizer(folder)
-            eos = eos_token_ids(tokenizer, folder)
+            eos = eos_token_ids(tokenizer, model_dir(base))  # the stop tokens the gate decoded with
             entry = {"lora_id": i if loras else None, "file": None, "eos": eos,
                      "stop": [tokenizer.convert_ids_to_tokens(t) for t in eos]}  # fmt: skip
             if loras:
@@ -89,7 +90,7 @@ def assemble_bundle(model: Artifact, loras: list[Artifact], adapters: list[Artif
                 "adapters": sorted(manifest["adapters"]), "bytes": (tmp / MODEL_FILE).stat().st_size,
                 "n_ctx": n_ctx, "kv_cache_type": manifest["kv_cache_type"]}  # fmt: skip
 
-    key = bundle_key(model, loras, adapters, target, n_ctx)
+    key = bundle_key(model, loras, adapters, base, target, n_ctx)
     return store.materialize(BUNDLE, key, build, lineage={"model": model.key, "loras": [a.key for a in loras]})
 
 

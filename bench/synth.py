@@ -45,6 +45,30 @@ def llama_3_2_1b_config(max_positions: int = 131072):
     )  # fmt: skip
 
 
+def qwen2_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_positions: int):
+    """A Qwen2 config as the hub's Qwen2/2.5 models have it: 151936-token vocabulary, tied
+    embeddings, q/k/v biases, rope_theta 1e6, no sliding window."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=151936, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, architectures=["Qwen2ForCausalLM"],
+    )  # fmt: skip
+
+
+# The real shapes the scale benchmark deploys (hub config.json values; weights random, bf16, sharded).
+REAL_SHAPES = {
+    # Qwen2.5-0.5B: 494M parameters, 24 layers, 896 wide, GQA 14/2 heads of 64
+    "qwen2.5-0.5b": lambda: qwen2_config(896, 4864, 24, 14, 2, 32768),
+    # Qwen2-1.5B: 1.54B parameters, 28 layers, 1536 wide, GQA 12/2 heads of 128
+    "qwen2-1.5b": lambda: qwen2_config(1536, 8960, 28, 12, 2, 32768),
+    # Llama-2-7B: 6.74B parameters, 32 layers, 4096 wide, 32 heads of 128, 32000-token vocabulary
+    "llama-2-7b": lambda: llama_config(4096, 11008, 32, 32000, 32, 32, 4096, rms_norm_eps=1e-5),
+}
+
+
 def shapes_of(config) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes in checkpoint order, from a meta-device model (no memory).
 

@@ -2,7 +2,9 @@
 `ftd.*` tag schema. Every MLflow call goes through `ftd.tracking.Tracker`.
 
 Rules:
-- An adapter is registered when none of its deployments failed its gate.
+- An adapter is registered unless a gate failed on the adapter itself (its eval accuracy, or its
+  merge against the unmerged adapter). An engine that failed to build, to run or to match fails
+  alone: the adapter and its other engines are still registered.
 - A merged engine is registered when its deployment passed (or is verified only: a bundle written
   and checked here whose engine cannot run here) and its adapter was registered.
 - A bundle serving several adapters is all or nothing: registered once, only when every adapter's
@@ -81,7 +83,7 @@ def log_and_register(
     adapter_versions: dict[str, str] = {}
     for chain in chains:
         _log_adapter(tracker, store, chain, [d for d in deployments if d.adapter == chain.name])
-        if any(d.status is Status.FAILED for d in deployments if d.adapter == chain.name):
+        if any(d.adapter_failed for d in deployments if d.adapter == chain.name):
             continue
         name = cfg.tracking.adapter_model.format(experiment=cfg.experiment, adapter=chain.name, target="")
         version = tracker.register(name, adapter_dir(chain.adapter, store), f"adapters/{chain.name}", chain.adapter.key,

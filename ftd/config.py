@@ -156,6 +156,10 @@ class SmokeSettings(Section):
     max_prompts: int = Field(64, gt=0, description="Eval prompts used (first N of the eval split).")
     prompts: list[str] = Field(default_factory=list, description="Extra prompts (no expected answer).")
     max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(
+        16, gt=0, description="Prompts the PyTorch references decode at once (left-padded); fewer holds less "
+        "activation memory, more takes fewer forward passes.",
+    )
     include_base: bool = Field(True, description="Also score the base model (accuracy before SFT).")
     served: bool = Field(
         False,

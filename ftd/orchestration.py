@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftd import termination
+from ftd.memory import PeakMemory
 from ftd.store import Artifact, Store
 
 
@@ -122,6 +123,7 @@ class StageRecord:
     seconds: float
     key: str
     detail: str = ""
+    peak_rss_mb: float | None = None  # this stage's peak resident memory (ftd.memory), when it ran
 
 
 @dataclass
@@ -133,7 +135,8 @@ class StageLog:
     def run(self, prefect_task: StageTask, label: str, **kwargs: Any) -> Artifact:
         termination.check()  # between stages: a stop request is honoured before the next one starts
         started = time.perf_counter()
-        state = prefect_task(return_state=True, **kwargs)
+        with PeakMemory() as peak:
+            state = prefect_task(return_state=True, **kwargs)
         artifact: Artifact = state.result()  # re-raises the task's exception on failure
         termination.check()
         seconds = time.perf_counter() - started
@@ -143,7 +146,8 @@ class StageLog:
             status, detail = "cache hit", ""
         else:
             status, detail = "built", ""
-        self.records.append(StageRecord(artifact.stage, label, status, round(seconds, 2), artifact.key, detail))
+        peak_mb = round(peak.bytes / 1e6, 1) if peak.bytes is not None and status == "built" else None
+        self.records.append(StageRecord(artifact.stage, label, status, round(seconds, 2), artifact.key, detail, peak_mb))
         return artifact
 
     def skip(self, stage: str, label: str, reason: str) -> None:
@@ -151,8 +155,9 @@ class StageLog:
         self.records.append(StageRecord(stage, label, "skipped", 0.0, "-", reason))
 
     def markdown(self) -> str:
-        lines = ["| stage | item | status | seconds | key |", "|---|---|---|---|---|"]
+        lines = ["| stage | item | status | seconds | peak RSS | key |", "|---|---|---|---|---|---|"]
         for r in self.records:
             status = f"{r.status}: {r.detail}" if r.detail else r.status
-            lines.append(f"| {r.stage} | {r.label} | {status} | {r.seconds:.2f} | `{r.key[:12]}` |")
+            peak = "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb / 1000:.2f} GB"
+            lines.append(f"| {r.stage} | {r.label} | {status} | {r.seconds:.2f} | {peak} | `{r.key[:12]}` |")
         return "\n".join(lines)

@@ -83,6 +83,36 @@ def test_registration_rules() -> None:
     assert registration.registrable_groups(bundle, both, ["a", "b"], {"a"}) == []
 
 
+def test_the_gate_blames_the_adapter_only_for_failures_of_the_pytorch_models() -> None:
+    """An engine that differs fails alone (its adapter and other engines are still registered); a
+    failure of the adapter itself (its accuracy, or merged vs unmerged) blocks the adapter."""
+    import numpy as np
+
+    from ftd.config import Thresholds
+    from tasks.backends.runtime import Generation
+    from tasks.smoke import build_report
+
+    class Tok:
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    prompts = [{"messages": [{"role": "user", "content": "q"}], "answer": "1 2"}]
+    good = [Generation([1, 2], [np.zeros(4), np.zeros(4)])]
+    bad = [Generation([1, 3], [np.zeros(4), np.ones(4)])]
+    t = Thresholds(min_accuracy=0.9, min_agreement=0.95, max_logit_diff=1e-3)
+    engine_only = build_report(Tok(), prompts, {"adapter": good, "merged": good, "engine": bad}, t, "t")
+    assert engine_only["failures"] and engine_only["adapter_failures"] == []
+    merge_broken = build_report(Tok(), prompts, {"adapter": good, "merged": bad, "engine": bad}, t, "t")
+    assert any(f.startswith("adapter_vs_merged") for f in merge_broken["adapter_failures"])
+    untrained = build_report(Tok(), prompts, {"adapter": bad, "merged": bad, "engine": bad}, t, "t")
+    assert untrained["adapter_failures"] == ["adapter eval accuracy 0.000 < 0.9"]
+    failed = deployment("a", Status.FAILED)
+    failed.failure = GateFailed("engine differs", engine_only)
+    assert not failed.adapter_failed
+    failed.failure = GateFailed("merge differs", merge_broken)
+    assert failed.adapter_failed
+
+
 def test_report_line_per_status() -> None:
     checked = Deployment(target(), "a", Artifact(stage="b", key="k", meta={"checks": {"max_delta": 1e-7}}),
                          Status.VERIFIED_ONLY, "needs Triton")  # fmt: skip
@@ -151,7 +181,8 @@ def test_a_backend_from_outside_goes_through_the_real_flow(shared_artifacts: Pat
 @pytest.mark.e2e
 def test_a_target_whose_build_raises_fails_alone_in_one_line(shared_artifacts: Path, tmp_path: Path) -> None:
     """The broken target is that target's gate failure, named with its engine and error in one line;
-    the other target is still built, gated and reported (same store: the adapter is a cache hit)."""
+    the other target is still built, gated, reported and registered, and so is the adapter (same
+    store: the adapter is a cache hit)."""
     proc = run_with_fakes(shared_artifacts, tmp_path / "summary.json",
                           "targets.0={name: broken, backend: broken_build, precision: fp32}",
                           "targets.1={name: echo, backend: echo_torch, precision: fp32}")  # fmt: skip
@@ -165,3 +196,7 @@ def test_a_target_whose_build_raises_fails_alone_in_one_line(shared_artifacts: P
     text = run_report(f"sqlite:///{shared_artifacts / 'mlflow.db'}", runs[0].info.run_id, tmp_path)
     assert "  - broken: **parity gate failed**" in text and "segfault at 0x0" in text
     assert "  - echo: gate passed" in text  # the other target ran and was gated
+    registered = text.split("## Registered versions", 1)[1]
+    assert "| engine | numbers/echo | tiny-llama-echo |" in registered  # ... and registered
+    assert "| adapter | numbers | tiny-llama-adapter |" in registered
+    assert "broken" not in registered

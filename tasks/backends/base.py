@@ -75,6 +75,12 @@ class Deployment:
         return self.status in (Status.PASSED, Status.VERIFIED_ONLY)
 
     @property
+    def adapter_failed(self) -> bool:
+        """The gate failed on the PyTorch models themselves (the adapter's accuracy, or the merge
+        against the unmerged adapter): the adapter is at fault, not this engine."""
+        return self.failure is not None and bool(self.failure.report.get("adapter_failures"))
+
+    @property
     def complete(self) -> bool:
         """Everything this target asks for ran here; anything else must be tried again elsewhere."""
         return self.status is Status.PASSED

@@ -167,12 +167,12 @@ class AdapterChatModel(FtdChatModel):
         self.base_dir = verified_base(self.spec["base"], Path(corpus) if corpus else None)
 
     def _open(self, adapter: str):
-        import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32,
-                                                    trust_remote_code=self.spec["base"]["trust_remote_code"])  # fmt: skip
+        from tasks.modeling import load_fp32_compute_model
+
+        # the base in its stored dtype, computing in fp32: the gate's reference arithmetic, half the memory for bf16
+        base = load_fp32_compute_model(self.base_dir, self.spec["base"]["trust_remote_code"])
         return TorchEngine(PeftModel.from_pretrained(base, self.engine_dir).eval(), self.tokenizers[adapter])
 
 

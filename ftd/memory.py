@@ -11,6 +11,7 @@ Elsewhere (no /proc) nothing is measured and the peak is None.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -72,10 +73,8 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if _status_kib("self", "VmHWM") is None:
             return self
-        try:
+        with contextlib.suppress(OSError):
             (PROC / "self" / "clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass
         self._thread = threading.Thread(target=self._sample, name="ftd-peak-memory", daemon=True)
         self._thread.start()
         return self

@@ -87,7 +87,7 @@ def upcast_compute(model) -> None:
             stored.add(id(module.weight))
             module.register_forward_hook(embedding_output_fp32)
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.dtype in low and id(param) not in stored:
                 param.data = param.data.to(torch.float32)
         for name, buffer in module.named_buffers(recurse=False):

@@ -38,9 +38,10 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    import onnxruntime_genai.models  # noqa: F401 (puts the builder's folder on sys.path, as the builder does)
+    import importlib
 
-    import builders.base as base  # the module object the builder itself uses
+    importlib.import_module("onnxruntime_genai.models")  # puts the builder's folder on sys.path, as the builder does
+    base = importlib.import_module("builders.base")  # the module object the builder itself uses
 
     _patch_loading(base)
     _patch_initializers(base)

@@ -17,7 +17,7 @@ from ftd.errors import ConfigError, FtdError
 from ftd.integrity import check_safetensors
 from ftd.store import Artifact, Store, code_version, library_versions, stage_key, tree_digest
 from tasks.base_model import model_dir
-from tasks.merge import LORA_KEY, TOKENIZER_FILES, module_scale, read_adapter, weight_shapes
+from tasks.merge import LORA_KEY, TOKENIZER_FILES, load_adapter_tensors, module_scale, read_adapter, weight_shapes
 from tasks.modeling import load_tokenizer
 from tasks.sft import BASE_RECORD, STAGE
 
@@ -90,10 +90,11 @@ def header_shapes_fit(
     the base model's weight shapes."""
 
     file = Path(adapter_path) / "adapter_model.safetensors"
-    if not file.is_file():
-        return  # a legacy .bin: checked tensor by tensor at import
     try:
-        header = check_safetensors(file)
+        if file.is_file():
+            header = check_safetensors(file)
+        else:  # a legacy .bin (small): loaded with weights_only=True now, so a pickle is refused before compute
+            header = {n: (str(t.dtype), tuple(t.shape)) for n, t in load_adapter_tensors(Path(adapter_path)).items()}
     except FtdError as exc:
         raise ConfigError(f"{field}: {exc}") from None
     for name, (_dtype, shape) in header.items():

@@ -97,3 +97,69 @@ def test_validate_accepts_the_default(artifacts: Path) -> None:
     result = run_ftd(artifacts, command="validate")
     assert result.code == 0, result.stderr
     assert "is valid: 1 adapter(s), 1 target(s)" in result.stdout
+
+
+# ---------------------------------------------------------------- engine limits, at pre-flight
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory) -> dict[str, Path]:
+    """Local base models whose shapes some engine cannot run (tiny, random, with the builtin tokenizer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ftd.builtin_models import TinyRecipe, train_tokenizer
+
+    shapes = {
+        "head size 8": {"hidden_size": 32},  # 4 heads of 8
+        "rope_theta 500000": {"rope_theta": 500000.0},
+        "dynamic rope": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    }
+    tokenizer = train_tokenizer(TinyRecipe(architecture="LlamaForCausalLM"))
+    models = {}
+    for name, extra in shapes.items():
+        config = LlamaConfig(**{"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                                "max_position_embeddings": 128, **extra})  # fmt: skip
+        out = tmp_path_factory.mktemp("odd") / name.replace(" ", "-")
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        models[name] = out
+    return models
+
+
+ENGINE_LIMITS = {
+    "og CPU attention with head size 8": ("head size 8", "targets.0={name: og, backend: onnx_genai}",
+                                          r"^ftd: config error: targets\.og: ONNX Runtime's GroupQueryAttention CPU kernel needs a head size that is a multiple of 16 .*this base model has head size 8"),
+    "DashInfer with rope_theta 500000": ("rope_theta 500000", "targets.0={name: di, backend: dashinfer}",
+                                         r"targets\.di: DashInfer 1\.3\.0 rotates Llama heads with base 10000 whatever rope_theta says; this base model has rope_theta 500000"),
+    "llama.cpp with a RoPE scaling it cannot carry": ("dynamic rope", "targets.0={name: gg, backend: llama_cpp, precision: f32}",
+                                                      r"targets\.gg: llama\.cpp's converter carries RoPE scaling of type linear, yarn, llama3, longrope, su .*uses 'dynamic'"),
+    "llama.cpp q8_0 KV cache with head size 16": (None, "targets.0={name: gg, backend: llama_cpp, precision: f32, options: {kv_cache_type: q8_0}}",
+                                                  r"targets\.gg: llama\.cpp quantises a q8_0 KV cache in blocks of 32 along each head; this base model has head size 16"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_LIMITS))
+def test_a_shape_an_engine_cannot_run_is_refused_at_preflight(case, odd_models, artifacts: Path, in_process) -> None:
+    """Found in the engines' own sources (docs/backends.md): each would otherwise fail after training,
+    in the build or the smoke test, or serve wrong answers without an error."""
+    model, target, pattern = ENGINE_LIMITS[case]
+    base = ["--set", f"base_model={odd_models[model]}"] if model else []
+    _assert_clean_failure(in_process(artifacts, *base, "--set", target), pattern, artifacts)
+
+
+def test_a_pickled_adapter_is_refused_at_preflight(tmp_path: Path, artifacts: Path, in_process) -> None:
+    """A legacy adapter_model.bin that is not plain tensors exits 2 before compute, naming the file."""
+    import datetime
+    import json
+    import pickle
+
+    adapter = tmp_path / "pickled"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                                                             "peft_type": "LORA"}))  # fmt: skip
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weights": datetime.date(2026, 1, 1)}))
+    result = in_process(artifacts, "--set", f"adapters.0={{name: numbers, import_from: {adapter}, data: "
+                        "{train: data/numbers/train.jsonl, eval: data/numbers/eval.jsonl}}")  # fmt: skip
+    assert result.code == 2
+    _assert_clean_failure(result, rf"adapters\.numbers\.import_from: {adapter}/adapter_model\.bin: refused: not a plain tensor file", artifacts)

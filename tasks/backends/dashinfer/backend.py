@@ -25,6 +25,7 @@ from tasks.backends.base import AdapterChain, Backend, DeployContext, Deployment
 from tasks.backends.dashinfer import env, lora_bundle
 from tasks.backends.dashinfer.options import DATA_TYPES, MODEL_NAME, MODEL_TYPES, NAME, DashInferOptions, options_of
 from tasks.backends.runtime import Generation
+from tasks.backends.shape import ModelShape, check_grouped_heads, refuse
 
 
 class DashInfer(Backend):
@@ -48,6 +49,29 @@ class DashInfer(Backend):
             raise ConfigError(
                 f"targets.{target.name}: DashInfer multi-LoRA runs on CUDA: set device: cuda and precision fp16 or bf16"
             )
+
+    def check_model(self, target: TargetConfig, model_config: dict) -> None:
+        """What DashInfer 1.3.0's CPU graph would serve wrongly without an error: its LLaMA_v2 graph
+        never passes rope_theta to the rotary op (its default base is 10000: rotary_op.cpp), no
+        model type has a form for rope_scaling or a sliding window, LLaMA_v2's GEMMs have no
+        biases (llama_v2.py), and its grouped-query rotary derives the head size as hidden / heads."""
+        if target.mode != "merged":
+            return
+        shape, engine = ModelShape.of(model_config), "DashInfer 1.3.0"
+        architecture = (model_config.get("architectures") or [""])[0]
+        check_grouped_heads(target, engine, shape)
+        if shape.rope_scaling:
+            raise refuse(target, engine, "has no RoPE scaling", f"scales RoPE ({shape.rope_type})")
+        if architecture == "LlamaForCausalLM" and float(shape.rope_theta or 10000.0) != 10000.0:
+            raise refuse(target, engine, "rotates Llama heads with base 10000 whatever rope_theta says",
+                         f"has rope_theta {shape.rope_theta}")  # fmt: skip
+        if architecture == "LlamaForCausalLM" and (model_config.get("attention_bias") or model_config.get("mlp_bias")):
+            raise refuse(target, engine, "builds Llama projections without biases", "has attention or MLP biases")
+        if shape.head_dim * shape.heads != shape.hidden:
+            raise refuse(target, engine, "needs head_dim = hidden_size / num_attention_heads",
+                         f"has head_dim {shape.head_dim} with {shape.heads} heads of a {shape.hidden}-wide model")  # fmt: skip
+        if model_config.get("use_sliding_window"):
+            raise refuse(target, engine, "has no sliding-window attention", "sets use_sliding_window")
 
     def check_adapters(self, target: TargetConfig, adapters: list[dict]) -> None:
         """DashInfer 2.x rejects more adapters than lora_max_num and ranks above lora_max_rank."""

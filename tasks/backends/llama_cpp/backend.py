@@ -23,11 +23,16 @@ from tasks.backends.llama_cpp.options import (
     CONVERTED,
     NAME,
     LlamaCppOptions,
+    kv_cache_type,
     options_of,
     precision_of,
 )
 from tasks.backends.llama_cpp.runtime import MANIFEST, GgufEngine, loaded
+from tasks.backends.shape import ModelShape, check_grouped_heads, refuse
 from tasks.base_model import model_dir
+
+# RoPE scaling types convert_hf_to_gguf.py writes for these architectures (conversion/base.py, llama.py)
+ROPE_TYPES = ("linear", "yarn", "llama3", "longrope", "su")
 
 
 class LlamaCpp(Backend):
@@ -46,6 +51,23 @@ class LlamaCpp(Backend):
             raise ConfigError(
                 f"targets.{target.name}: ftd converts {', '.join(sorted(ARCHITECTURES))} to GGUF, not {architecture}"
             )
+
+    def check_model(self, target: TargetConfig, model_config: dict) -> None:
+        """What ggml asserts on (the process aborts: no error reaches the flow) or serves wrongly
+        without a word: grouped heads (ggml_can_mul_mat), an even rotary size (ops.cpp
+        'n_dims % 2 == 0'), a RoPE scaling the converter knows ('Unknown RoPE type' is only
+        logged, and the model is then served unscaled), a q8_0 KV cache's 32-wide blocks."""
+        shape = ModelShape.of(model_config)
+        check_grouped_heads(target, "llama.cpp (ggml)", shape)
+        if shape.rotary_dim % 2:
+            raise refuse(target, "llama.cpp (ggml)", "rotates an even number of dimensions per head",
+                         f"rotates {shape.rotary_dim}")  # fmt: skip
+        if shape.rope_type not in (None, "default", *ROPE_TYPES):
+            raise refuse(target, "llama.cpp's converter", f"carries RoPE scaling of type {', '.join(ROPE_TYPES)} "
+                         "(any other is served unscaled)", f"uses {shape.rope_type!r}")  # fmt: skip
+        if kv_cache_type(target) == "q8_0" and shape.head_dim % 32:
+            raise refuse(target, "llama.cpp", "quantises a q8_0 KV cache in blocks of 32 along each head",
+                         f"has head size {shape.head_dim} (use kv_cache_type f16)")  # fmt: skip
 
     def check_adapters(self, target: TargetConfig, adapters: list[dict]) -> None:
         """What llama.cpp's LoRA converter stops on, refused before anything trains."""

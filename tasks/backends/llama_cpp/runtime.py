@@ -25,7 +25,7 @@ import numpy as np
 from ftd.errors import FtdError
 from tasks.backends.runtime import Generation
 
-KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type values (ggml.h: GGML_TYPE_F32, GGML_TYPE_F16)
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values (ggml.h: GGML_TYPE_F32, _F16, _Q8_0)
 MANIFEST = "ftd-gguf.json"
 
 
@@ -51,6 +51,7 @@ class LoadedGguf:
         threads = n_threads or os.cpu_count() or 1
         self.llm = Llama(model_path=str(model), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                          n_threads_batch=threads, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
+                         flash_attn=kv_type == "q8_0",  # a quantised V cache needs flash attention (llama-context.cpp)
                          logits_all=False, verbose=False)  # fmt: skip
         self.n_ctx, self.n_vocab = n_ctx, self.llm.n_vocab()
         self.adapters = {}

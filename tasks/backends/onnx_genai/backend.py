@@ -21,6 +21,7 @@ from tasks.backends.onnx_genai.builder import (
 )
 from tasks.backends.onnx_genai.runtime import OgEngine
 from tasks.backends.runtime import Engine
+from tasks.backends.shape import ModelShape, check_grouped_heads, refuse
 
 
 def _pairs(pairs: set[tuple[str, str]]) -> str:
@@ -75,6 +76,23 @@ class OnnxGenAI(Backend):
                 )
             if "config_only" in (extra or {}):
                 raise ConfigError(f"{field}.extra_options: config_only is set by the optimum exporter path itself")
+
+    def check_model(self, target: TargetConfig, model_config: dict) -> None:
+        """ONNX Runtime's CPU GroupQueryAttention (the builder's attention on CPU, rotary fused in)
+        refuses at its first token, not at build: 'head_size shall be a multiple of 16'
+        (group_query_attention_helper.h), and a rotary cache 'dimension 1 must be <= head_size / 2
+        and a multiple of 8'. optimum's graph has plain attention and is not bound by them."""
+        if exporter_of(target) != "builder" or target.device != "cpu":
+            return
+        shape = ModelShape.of(model_config)
+        engine = "ONNX Runtime's GroupQueryAttention CPU kernel"
+        check_grouped_heads(target, engine, shape)
+        if shape.head_dim % 16:
+            raise refuse(target, engine, "needs a head size that is a multiple of 16 ('head_size shall be a "
+                         "multiple of 16')", f"has head size {shape.head_dim} (use exporter: optimum)")  # fmt: skip
+        if shape.rotary_dim % 16:
+            raise refuse(target, engine, "needs a rotary dimension that is a multiple of 16",
+                         f"rotates {shape.rotary_dim} of each head's {shape.head_dim} dimensions")  # fmt: skip
 
     def unavailable_reason(self, target: TargetConfig) -> str | None:
         if importlib.util.find_spec("onnxruntime_genai") is None:

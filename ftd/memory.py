@@ -4,8 +4,10 @@ A stage runs in the flow's process (the og builder in process, PyTorch) or in ch
 (converters, DashInfer's worker, torchrun). Its peak is the larger of:
 - the process's own high-water mark (VmHWM), reset when the stage starts (Linux: writing 5 to
   /proc/self/clear_refs), so an earlier stage's peak does not show in a later one; and
-- the largest sum of this process's and its descendants' resident memory, sampled every 0.2 s
-  while the stage runs (a child's own peak between samples can be missed; its steady use is not).
+- the largest sum of this process's and its new descendants' resident memory, sampled every
+  0.2 s while the stage runs (a child's own peak between samples can be missed; its steady use is
+  not); processes already running when the stage started (the run's Prefect server) are not the
+  stage's and are left out.
 Elsewhere (no /proc) nothing is measured and the peak is None.
 """
 
@@ -52,12 +54,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _tree_rss_kib(pid: int) -> int:
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), _children(pid)
+    while todo:
+        current = todo.pop()
+        found.add(current)
+        todo += _children(current)
+    return found
+
+
+def _tree_rss_kib(pid: int, exclude: set[int]) -> int:
+    """This process's and its descendants' RSS, less the subtrees of `exclude` (servers started
+    before the stage: the run's Prefect server is a child of the flow's process)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
         total += _status_kib(current, "VmRSS") or 0
-        todo += _children(current)
+        todo += [c for c in _children(current) if c not in exclude]
     return total
 
 
@@ -67,6 +80,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self.bytes: int | None = None
         self._tree_kib = 0
+        self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,6 +89,7 @@ class PeakMemory:
             return self
         with contextlib.suppress(OSError):
             (PROC / "self" / "clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self._before = _descendants(os.getpid())  # running before the stage: not the stage's
         self._thread = threading.Thread(target=self._sample, name="ftd-peak-memory", daemon=True)
         self._thread.start()
         return self
@@ -82,7 +97,7 @@ class PeakMemory:
     def _sample(self) -> None:
         pid = os.getpid()
         while not self._stop.wait(SAMPLE_SECONDS):
-            self._tree_kib = max(self._tree_kib, _tree_rss_kib(pid))
+            self._tree_kib = max(self._tree_kib, _tree_rss_kib(pid, self._before))
 
     def __exit__(self, *exc) -> None:
         if self._thread is None:
@@ -91,3 +106,12 @@ class PeakMemory:
         self._thread.join()
         own = _status_kib("self", "VmHWM") or 0
         self.bytes = max(own, self._tree_kib) * 1024
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the heap back to the system (glibc's malloc_trim), so one stage's
+    freed temporaries do not stay resident through the next stages; a no-op elsewhere."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftd import termination
-from ftd.memory import PeakMemory
+from ftd.memory import PeakMemory, release_freed_memory
 from ftd.store import Artifact, Store
 
 
@@ -137,6 +137,7 @@ class StageLog:
         started = time.perf_counter()
         with PeakMemory() as peak:
             state = prefect_task(return_state=True, **kwargs)
+        release_freed_memory()
         artifact: Artifact = state.result()  # re-raises the task's exception on failure
         termination.check()
         seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ from ftd import builtin_models
 from ftd.config import ExperimentConfig
 from ftd.errors import ConfigError, FtdError
 from ftd.integrity import check_weight_dir
+from ftd.memory import machine_memory_bytes
 from ftd.store import code_version
 from tasks.adapter_import import header_shapes_fit
 from tasks.backends.registry import get_backend
@@ -59,9 +60,49 @@ def preflight(cfg: ExperimentConfig) -> Plan:
     summaries = [_adapter_summary(a) for a in cfg.adapters]
     for target in cfg.targets:
         get_backend(target.backend).validate(target, architecture, model_config, summaries)
+    check_memory(cfg, model_config, shapes, machine_memory_bytes())
     if inspection is None and inspection_file is not None:  # only once every check has passed
         _save_inspection(inspection_file, architecture, modules, model_config, shapes)
     return Plan(base=spec, architecture=architecture)
+
+
+# What a stage needs besides the model it holds: the interpreter with torch, transformers, Prefect
+# and MLflow imported, and the activations of a 16-prompt batch (measured: bench/results/scale.md).
+RUNTIME_BYTES = 1_500_000_000
+STORED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_memory(cfg: ExperimentConfig, model_config: dict, shapes: dict, total: int | None) -> None:
+    """Refuse, before anything trains, a run whose gate cannot fit this machine's memory: the
+    PyTorch reference holds one model in its stored dtype (plus its output layer in fp32 for a
+    moment); each engine that runs here holds its weights. Merging, converting and quantising
+    stream and need far less (docs/backends.md has the measured figures per stage)."""
+    if total is None:
+        return
+    tied = model_config.get("tie_word_embeddings", False)
+    parameters = sum(a * b for name, (a, b) in shapes.items() if not (tied and name.startswith("lm_head")))
+    dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "float32").removeprefix("torch.")
+    stored = parameters * STORED_BYTES.get(dtype, 4)
+    vocab, hidden = int(model_config.get("vocab_size") or 0), int(model_config.get("hidden_size") or 0)
+    gb = 1e9
+    reference = stored + vocab * hidden * 4 + RUNTIME_BYTES
+    if reference > total:
+        raise ConfigError(
+            f"base_model: the parity gate's PyTorch reference holds the {parameters / 1e9:.2f}B-parameter model "
+            f"({stored / gb:.1f} GB in {dtype}) and needs ~{reference / gb:.1f} GB; this machine has {total / gb:.1f} GB"
+        )
+    for target in cfg.targets:
+        backend = get_backend(target.backend)
+        engine = backend.engine_bytes(target, parameters)
+        if engine is None or engine + RUNTIME_BYTES <= total:
+            continue
+        if backend.unavailable_reason(target) or backend.smoke_unavailable_reason(target):
+            continue  # not run here: built (or written) elsewhere
+        raise ConfigError(
+            f"targets.{target.name}: its {target.precision} engine of this {parameters / 1e9:.2f}B-parameter model holds "
+            f"~{engine / gb:.1f} GB when the gate runs it (~{(engine + RUNTIME_BYTES) / gb:.1f} GB in all); this machine "
+            f"has {total / gb:.1f} GB: choose a 4-bit or 8-bit precision, or run this target on a larger machine"
+        )
 
 
 def _cached_inspection(spec: BaseSpec, cfg: ExperimentConfig) -> tuple[Path | None, tuple | None]:

@@ -163,3 +163,40 @@ def test_a_pickled_adapter_is_refused_at_preflight(tmp_path: Path, artifacts: Pa
                         "{train: data/numbers/train.jsonl, eval: data/numbers/eval.jsonl}}")  # fmt: skip
     assert result.code == 2
     _assert_clean_failure(result, rf"adapters\.numbers\.import_from: {adapter}/adapter_model\.bin: refused: not a plain tensor file", artifacts)
+
+
+# ---------------------------------------------------------------- memory, at pre-flight
+
+
+def _llama_2_7b() -> tuple[dict, dict]:
+    from bench.synth import REAL_SHAPES, shapes_of
+
+    config = REAL_SHAPES["llama-2-7b"]()
+    config.dtype = "bfloat16"
+    return config.to_dict(), {name: shape for name, shape in shapes_of(config).items() if len(shape) == 2}
+
+
+def test_a_gate_that_cannot_fit_this_machine_is_refused_before_compute() -> None:
+    """A 7B-class bf16 model on a 24 GB machine: its int4 and q4_k_m engines fit, an fp32 engine
+    (27 GB) does not, and the reference (13.5 GB bf16) does not fit a 12 GB machine."""
+    from flows.preflight import check_memory
+    from ftd.config import load_config
+
+    model_config, shapes = _llama_2_7b()
+    fits = ["targets.0={name: og-int4, precision: int4}", "targets.1={name: gguf, backend: llama_cpp, precision: q4_k_m}"]
+    cfg = load_config(DEFAULT_CONFIG, fits)
+    check_memory(cfg, model_config, shapes, 24_000_000_000)
+    cfg = load_config(DEFAULT_CONFIG, [*fits, "targets.2={name: og-fp32, precision: fp32}"])
+    with pytest.raises(Exception, match=r"targets\.og-fp32: its fp32 engine of this 6\.74B-parameter model holds ~27\.0 GB"):
+        check_memory(cfg, model_config, shapes, 24_000_000_000)
+    with pytest.raises(Exception, match=r"base_model: the parity gate's PyTorch reference holds the 6\.74B-parameter model \(13\.5 GB in bfloat16\)"):
+        check_memory(load_config(DEFAULT_CONFIG, fits), model_config, shapes, 12_000_000_000)
+
+
+def test_the_memory_refusal_reaches_the_user_as_one_line(artifacts: Path, in_process, monkeypatch) -> None:
+    import flows.preflight
+
+    monkeypatch.setattr(flows.preflight, "machine_memory_bytes", lambda: 1_000_000_000)
+    result = in_process(artifacts)
+    assert result.code == 2
+    _assert_clean_failure(result, r"base_model: the parity gate's PyTorch reference .* this machine has 1\.0 GB", artifacts)

@@ -36,6 +36,10 @@ from tasks.backends.runtime import Engine
 from tasks.orchestrated import build_task
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
+# Weight bytes per parameter of an engine at each precision name the backends use (4-bit formats
+# carry a scale per block of 32: ~0.56-0.63; q8_0: 34 bytes per 32 weights).
+BYTES_PER_PARAMETER = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "bf16": 2.0, "f16": 2.0, "int8": 1.06, "q8_0": 1.06,
+                       "q5_k_m": 0.69, "int4": 0.63, "q4_0": 0.56, "q4_k_m": 0.6}  # fmt: skip
 
 
 class Status(StrEnum):
@@ -183,6 +187,12 @@ class Backend:
     def open(self, engine_dir: Path, target: TargetConfig, adapter: str | None = None) -> Engine:
         """A runtime for the smoke test; `adapter`: the one to activate in a multi-adapter bundle."""
         raise NotImplementedError(f"backend {self.name} has no runtime in ftd")
+
+    def engine_bytes(self, target: TargetConfig, parameters: int) -> int | None:
+        """About how much memory the built engine holds when the gate runs it (pre-flight refuses
+        a target whose engine cannot fit this machine); None when unknown."""
+        per_parameter = BYTES_PER_PARAMETER.get(target.precision)
+        return None if per_parameter is None else int(parameters * per_parameter)
 
     def context_length(self, engine_dir: Path, target: TargetConfig) -> int | None:
         """The longest prompt + answer the built engine takes, where it is shorter than the model's

@@ -24,6 +24,7 @@ VARIANTS = {
     "ftd-settings": {"bf16": False, "gradient_checkpointing": False},  # the same, training only
     "trl-defaults": {},  # TRL's own: bf16 autocast and gradient checkpointing, on CPU too
     "packing": {"bf16": False, "gradient_checkpointing": False, "packing": True},
+    "ftd-settings-bf16": {"bf16": True, "gradient_checkpointing": False},  # ftd's sft.dtype: bfloat16
 }
 
 
@@ -74,7 +75,8 @@ def main(config_path: str, base_dir: str, out_dir: str, result_path: str, varian
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    dtype = torch.bfloat16 if variant.endswith("-bf16") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), max_steps=sft["max_steps"], learning_rate=sft["learning_rate"],
         per_device_train_batch_size=sft["batch_size"], max_length=sft["max_length"],

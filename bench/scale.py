@@ -12,6 +12,9 @@ builds and reference; the engine for a smoke test).
     python -m bench.scale                         # qwen2.5-0.5b and qwen2-1.5b
     python -m bench.scale --sizes llama-2-7b      # the 7B-class chain (~1 h on 2 cores, ~60 GB of disk)
 
+Each size's result lands in bench/results/scale/SIZE.json; bench/results/scale.md is rebuilt from
+every size there.
+
 The gate's thresholds are wide open: the weights are random, so agreement says nothing about an
 engine here (the default experiment's gates do); the run measures time and memory.
 """
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"any of {', '.join(REAL_SHAPES)}")
     parser.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-scale")
-    parser.add_argument("--name", default="scale", help="results file name in bench/results/")
+    parser.add_argument("--keep", action="store_true", help="keep each size's artifacts folder (store, MLflow)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in REAL_SHAPES]
@@ -155,12 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     machine = {"cpus": os.cpu_count(), "ram_gb": (machine_memory_bytes() or 0) / 2**30}
-    results = [run_chain(size, args.work / size, log) for size in sizes]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(results, machine))
-    print(markdown(results, machine))
-    return 0 if all(r["exit_code"] == 0 for r in results) else 1
+    folder = RESULTS / "scale"
+    folder.mkdir(parents=True, exist_ok=True)
+    codes = []
+    for size in sizes:  # each size's result is written as soon as it is measured
+        result = run_chain(size, args.work / size, log)
+        (folder / f"{size}.json").write_text(json.dumps({"machine": machine, **result}, indent=2))
+        codes.append(result["exit_code"])
+        if not args.keep:
+            shutil.rmtree(args.work / size / "artifacts", ignore_errors=True)  # tens of GB at 7B
+    # the page lists every size measured so far, smallest first
+    every = sorted((json.loads(f.read_text()) for f in folder.glob("*.json")), key=lambda r: r["parameters"])
+    (RESULTS / "scale.md").write_text(markdown(every, machine))
+    print(markdown(every, machine))
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 if __name__ == "__main__":

@@ -725,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()), help="scratch space (default /tmp)"
     )
     parser.add_argument("--threads", type=int, default=1, help="decode threads for every engine (default 1)")
+    parser.add_argument("--scale", action="store_true",
+                        help="afterwards, the real-shape chain (bench.scale: 0.5B and 1.5B, ~10 min) and SFT at "
+                        "0.5B (bench.sft_scale, ~10 min); their pages are added to the results page")  # fmt: skip
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads}
     started = time.time()
@@ -772,6 +775,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latest" if not args.quick else "quick"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
+    if args.scale:  # real model sizes: their own pages, generated now and added to this one
+        from bench import scale, sft_scale
+
+        scale.main([])
+        sft_scale.main([])
+        table += "\n" + "\n".join((RESULTS / page).read_text().replace("# ", "## ", 1)
+                                   for page in ("scale.md", "sft-scale.md"))  # fmt: skip
     (RESULTS / f"{stem}.md").write_text("# ftd benchmarks\n\n" + table)
     print(table)
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"ftd": 0, "tasks": 1, "flows": 2, "app": 3}
-CONTRACT = {"base", "registry", "runtime"}
+CONTRACT = {"base", "registry", "runtime", "shape"}
 
 
 def project_modules() -> dict[str, Path]:

@@ -140,7 +140,46 @@ def markdown(results: list[dict], machine: dict) -> str:
             lines.append(f"| {s['stage']} | {s['label']} | {s['seconds']:.1f} | {peak / 1000:.2f} GB | "
                          f"{held / GB:.2f} GB | {peak * 1e6 / held:.2f} | {'yes' if met else '**no**'} |")  # fmt: skip
         lines.append("")
+        if r.get("reference_scaling"):
+            rows = r["reference_scaling"]["rows"]
+            first = rows[0]
+            lines += ["Reference stage alone (batch 16), its time against prompts × new tokens:", "",
+                      "| prompts | new tokens | seconds | time ratio | prompts × tokens ratio |", "|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {x['prompts']} | {x['tokens']} | {x['seconds']:.1f} | {x['seconds'] / first['seconds']:.2f} | "
+                      f"{x['prompts'] * x['tokens'] / (first['prompts'] * first['tokens']):.2f} |" for x in rows]  # fmt: skip
+            lines.append("")
     return "\n".join(lines)
+
+
+def reference_scaling(work: Path, log) -> dict:
+    """The reference stage alone on one size's stored chain, for 8 to 64 prompts and 4 to 16 new
+    tokens: with batching its time should grow slower than prompts x tokens."""
+    import subprocess as sp
+
+    code = """
+import json, shutil, sys, time
+from pathlib import Path
+from ftd.config import SmokeSettings
+from ftd.store import Store
+from tasks.smoke import reference_outputs
+root = Path(sys.argv[1]); store = Store(root)
+one = lambda stage: store.load(stage, next((root / "store" / stage).iterdir()).name)
+base, adapter, merged, data = one("base"), one("adapter"), one("merged"), one("data")
+shutil.rmtree(root / "store" / "reference")  # the chain's own (16 prompts, 8 tokens) is timed again
+out = []
+for prompts, tokens in ((8, 8), (16, 8), (32, 8), (64, 8), (16, 4), (16, 16)):
+    settings = SmokeSettings(max_prompts=prompts, max_new_tokens=tokens)
+    started = time.perf_counter()
+    reference_outputs(base, adapter, merged, data, settings, store)
+    out.append({"prompts": prompts, "tokens": tokens, "seconds": round(time.perf_counter() - started, 2)})
+    print(out[-1], flush=True)
+print(json.dumps(out))
+"""
+    proc = sp.run([sys.executable, "-c", code, str(work / "artifacts")], cwd=ROOT, capture_output=True, text=True,
+                  check=True)  # fmt: skip
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"reference scaling: {rows}")
+    return {"rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"any of {', '.join(REAL_SHAPES)}")
     parser.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-scale")
     parser.add_argument("--keep", action="store_true", help="keep each size's artifacts folder (store, MLflow)")
+    parser.add_argument("--reference-scaling", action="store_true",
+                        help="after each size's chain, time its reference stage for 8-64 prompts and 4-16 tokens")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in REAL_SHAPES]
@@ -163,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     codes = []
     for size in sizes:  # each size's result is written as soon as it is measured
         result = run_chain(size, args.work / size, log)
+        if args.reference_scaling and result["exit_code"] == 0:
+            result["reference_scaling"] = reference_scaling(args.work / size, log)
         (folder / f"{size}.json").write_text(json.dumps({"machine": machine, **result}, indent=2))
         codes.append(result["exit_code"])
         if not args.keep:

@@ -142,7 +142,7 @@ def _patch_matmul(base) -> None:
         n, k = matmul.weight.shape  # a Linear's weight is [out, in]: the MatMul's B is its transpose [K, N]
         k_blocks = (k + block - 1) // block
         fp32 = np.zeros((k_blocks * block, n), dtype=np.float32)
-        fp32[:k] = matmul.weight.detach().T.to(torch.float32).numpy()
+        torch.from_numpy(fp32[:k]).copy_(matmul.weight.detach().T)  # cast in the copy: no second fp32 buffer
         release_pages(matmul.weight)
         packed = np.zeros((n, k_blocks, block // 2), dtype=np.uint8)
         zero_points = np.zeros((n, (k_blocks + 1) // 2), dtype=np.uint8)

@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="decode threads for every engine (default 1)")
     parser.add_argument("--scale", action="store_true",
-                        help="afterwards, the real-shape chain (bench.scale: 0.5B and 1.5B, ~10 min) and SFT at "
+                        help="afterwards, the real-shape chain (bench.scale: 60M, 0.5B and 1.5B, ~12 min) and SFT at "
                         "0.5B (bench.sft_scale, ~10 min); their pages are added to the results page")  # fmt: skip
     args = parser.parse_args(argv)
     plan = {**(QUICK if args.quick else FULL), "threads": args.threads}

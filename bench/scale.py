@@ -9,7 +9,7 @@ Each stage's wall time and peak RSS come from the run's own stage records (ftd.m
 target is a peak ≤ 1.3 × the largest model the stage holds + 1 GB (the checkpoint for merge,
 builds and reference; the engine for a smoke test).
 
-    python -m bench.scale                         # qwen2.5-0.5b and qwen2-1.5b
+    python -m bench.scale                         # llama-60m, qwen2.5-0.5b and qwen2-1.5b (~12 min)
     python -m bench.scale --sizes llama-2-7b      # the 7B-class chain (~1 h on 2 cores, ~60 GB of disk)
 
 Each size's result lands in bench/results/scale/SIZE.json; bench/results/scale.md is rebuilt from
@@ -35,7 +35,7 @@ from ftd.memory import machine_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_SIZES = ("qwen2.5-0.5b", "qwen2-1.5b")
+DEFAULT_SIZES = ("llama-60m", "qwen2.5-0.5b", "qwen2-1.5b")
 SHARD_BYTES = 4_000_000_000
 GB = 1e9
 

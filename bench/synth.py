@@ -60,6 +60,9 @@ def qwen2_config(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
 
 # The real shapes the scale benchmark deploys (hub config.json values; weights random, bf16, sharded).
 REAL_SHAPES = {
+    # the decode benchmark's medium model (60M parameters: 8 layers, 512 wide, 8 heads of 64), the
+    # builtins' scale where fixed costs dominate
+    "llama-60m": lambda: llama_config(512, 1536, 8, 32000, 8, 8, 2048),
     # Qwen2.5-0.5B: 494M parameters, 24 layers, 896 wide, GQA 14/2 heads of 64
     "qwen2.5-0.5b": lambda: qwen2_config(896, 4864, 24, 14, 2, 32768),
     # Qwen2-1.5B: 1.54B parameters, 28 layers, 1536 wide, GQA 12/2 heads of 128

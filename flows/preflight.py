@@ -19,9 +19,9 @@ from ftd.store import code_version
 from tasks.adapter_import import header_shapes_fit
 from tasks.backends.registry import get_backend
 from tasks.base_model import BaseSpec, parse_base
-from tasks.data import check_layout, read_rows
+from tasks.data import check_data
 
-SAMPLE_ROWS = 200
+SAMPLE_ROWS = 200  # first rows of each data source checked (with its schema) before any compute
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,7 @@ class Plan:
 def preflight(cfg: ExperimentConfig) -> Plan:
     spec = parse_base(cfg.base_model, cfg.revision)
     for adapter in cfg.adapters:
-        for field, path in (("train", adapter.data.train), ("eval", adapter.data.eval)):
-            if path is None:
-                continue
-            rows = read_rows(Path(path), adapter.data.format, f"adapters.{adapter.name}.data.{field}", SAMPLE_ROWS)
-            check_layout(rows, adapter.data, Path(path))
+        check_data(adapter.data, f"adapters.{adapter.name}.data", SAMPLE_ROWS)
     if spec.kind == "local":
         try:
             check_weight_dir(Path(spec.name))

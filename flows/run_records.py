@@ -5,7 +5,8 @@ a run record in `<artifacts>/run-records/<fingerprint>.json`: its summary. The f
 everything any stage key can depend on, and more:
 
 - the loaded config (overrides applied), the tracking URI;
-- the content of every input file: data splits, imported adapters, the base model (a builtin's
+- the content of every input: data sources (files, folders, a pinned hub dataset; an unpinned
+  one is never up to date), imported adapters, the base model (a builtin's
   recipe key; a local model's content hash, memoised like the base stage does; a hub model only
   when pinned to a commit, since an unpinned id can move on the hub);
 - the source of ftd itself (ftd/, tasks/, flows/, app/) and every installed distribution's version.
@@ -33,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from ftd.config import ExperimentConfig
+from ftd.errors import ConfigError
 from ftd.store import Store, digest, file_digest, tree_digest
 from tasks.base_model import builtin_key, parse_base, weights_digest
+from tasks.data import data_sources, source_digest
 
 RECORDS = "run-records"
 SOURCE_DIRS = ("ftd", "tasks", "flows", "app")
@@ -57,7 +60,14 @@ def fingerprint_parts(cfg: ExperimentConfig, tracking_uri: str) -> dict[str, str
         return None
     inputs = []
     for adapter in cfg.adapters:
-        inputs += [file_digest(p) for p in (adapter.data.train, adapter.data.eval) if p is not None]
+        try:
+            sources = data_sources(adapter.data).values()
+        except ConfigError:  # a missing source: not up to date, and pre-flight names it
+            return None
+        data = [source_digest(source) for source in sources]
+        if None in data:  # an unpinned hub dataset can change on the hub: never up to date
+            return None
+        inputs += data
         if adapter.import_from is not None:
             inputs.append(tree_digest(Path(adapter.import_from)))
     return {"config": digest(cfg), "tracking_uri": tracking_uri, "base": base, "inputs": digest(inputs),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from os import PathLike
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -25,29 +26,83 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(Section):
-    """Where the instruction data is and how to read it."""
+# File types that `format` used to name, and the `builder` each is now.
+_FILE_TYPES = {"auto": "auto", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
-    train: Path
-    eval: Path | None = Field(None, description="Held-out split; if absent, eval_fraction of train.")
+
+class DataConfig(Section):
+    """Where the instruction data is and how to read it.
+
+    `train` and `eval` are what `datasets.load_dataset` accepts: a file, a glob of files, a local
+    folder (`save_to_disk` output or data files) or a hub dataset id (`revision`, `split`). `format`
+    names the instruction layout; `builder` the file type, inferred from the source by default."""
+
+    train: str = Field(..., description="A file, a glob of files, a local folder or a hub dataset id.")
+    eval: str | None = Field(None, description="Held-out split; if absent, eval_fraction of train.")
     eval_fraction: float = Field(0.05, gt=0, lt=1)
-    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
-    messages_field: str | None = Field("messages", description="Column holding chat messages.")
-    prompt_field: str | None = Field(None, description="Instead of messages: the prompt column...")
+    format: Literal["messages", "alpaca", "sharegpt", "prompt_response"] = Field(
+        "messages", description="The instruction layout of each row."
+    )
+    builder: Literal["auto", "json", "csv", "parquet", "arrow"] = Field(
+        "auto", description="The file type; auto: from the source, as datasets infers it."
+    )
+    revision: str | None = Field(None, description="A hub dataset's revision; pin a commit for the up-to-date check.")
+    split: str = Field("train", min_length=1, description="The train source's split, with slicing: train[:2000].")
+    eval_split: str = Field("train", min_length=1, description="The eval source's split.")
+    turns: Literal["last", "all"] = Field(
+        "last", description="Multi-turn conversations: train on the last assistant turn, or on every one."
+    )
+    messages_field: str | None = Field(
+        None, description="messages/sharegpt: the conversation column (default messages / conversations)."
+    )
+    prompt_field: str | None = Field(None, description="prompt_response: the prompt column...")
     response_field: str | None = Field(None, description="...and the response column.")
     system_prompt: str | None = None
     chat_template: str | None = Field(None, description="Jinja template; default: the tokenizer's.")
     seed: int = 0
 
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _source_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, PathLike) else v
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _not_a_file_type(cls, v: Any) -> Any:
+        """`format` named the file type before it named the layout: say where that setting went."""
+        if v in _FILE_TYPES:
+            raise ValueError(
+                f"{v!r} is a file type: use `builder: {_FILE_TYPES[v]}` instead (`format` now names the "
+                "instruction layout: messages, alpaca, sharegpt or prompt_response)"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_fields_imply_the_format(cls, data: Any) -> Any:
+        """Configs written before `format` named the layout chose prompt/response by its fields."""
+        if isinstance(data, dict) and "format" not in data and data.get("prompt_field") is not None:
+            return {**data, "format": "prompt_response"}
+        return data
+
     @model_validator(mode="after")
     def _one_layout(self) -> DataConfig:
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("set both prompt_field and response_field, or neither")
+        if self.prompt_field is not None and self.format != "prompt_response":
+            raise ValueError(f"prompt_field and response_field are for format prompt_response, not {self.format}")
+        if self.eval is not None and (self.eval, self.eval_split) == (self.train, self.split):
+            raise ValueError("eval is the same source and split as train: set eval_split (e.g. test)")
         return self
 
     @property
-    def uses_messages(self) -> bool:
-        return self.prompt_field is None
+    def columns(self) -> tuple[str, ...]:
+        """The columns each row must have, for this format."""
+        if self.format == "alpaca":
+            return ("instruction", "output")
+        if self.format == "prompt_response":
+            return (self.prompt_field or "prompt", self.response_field or "response")
+        return (self.messages_field or ("conversations" if self.format == "sharegpt" else "messages"),)
 
 
 class LoraSettings(Section):

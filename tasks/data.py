@@ -1,121 +1,472 @@
-"""Read instruction data (JSONL, CSV or Parquet; chat messages or prompt/response columns) and
-write it in one normal form: conversational prompt/completion rows, train and eval splits.
+"""Read instruction data with `datasets` and write it in one normal form: conversational
+prompt/completion rows, train and eval splits.
 
-`read_rows` and `check_layout` are also what the pre-flight check uses, so a missing file or
-column is reported before any compute starts.
+A source (`data.train`, `data.eval`) is what `datasets.load_dataset` accepts: a file or a glob of
+files (JSON/JSONL, CSV, Parquet, Arrow), a local folder (`save_to_disk` output or data files) or a
+hub dataset id with its `revision` and `split`. Rows stay in Arrow (memory-mapped) and are checked
+and normalised batch by batch with `Dataset.map`, never held as one Python list.
+
+`check_data` runs the same row checks on a sample (plus the schema), so pre-flight names the
+first bad row and column before any compute starts.
+
+The stage's key hashes the sources' bytes (local) or the pinned commit (hub), never their paths.
+An unpinned hub dataset can move on the hub: like an unpinned hub model, it is keyed by the
+content of what was loaded, and its run is never "up to date".
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import random
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ftd.config import DataConfig
 from ftd.errors import ConfigError
-from ftd.store import Artifact, Store, code_version, file_digest, stage_key
+from ftd.store import Artifact, Store, code_version, digest, file_digest, library_versions, stage_key, tree_digest
+from tasks.base_model import HUB_ID
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 STAGE = "data"
-ROLES = {"system", "user", "assistant"}
+ROLES = ("assistant", "system", "user")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}  # fmt: skip
+# The file types `datasets` infers from a suffix, limited to the builders ftd reads.
+SUFFIXES = {".json": ("json", {}), ".jsonl": ("json", {}), ".ndjson": ("json", {}), ".csv": ("csv", {}),
+            ".tsv": ("csv", {"sep": "\t"}), ".parquet": ("parquet", {}), ".arrow": ("arrow", {})}  # fmt: skip
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+PINNED = re.compile(r"^[0-9a-f]{40}$")
+LARGE = 100_000  # rows from which normalising uses several processes
 
 
-def detect_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    suffix = path.suffix.lower()
-    for name, suffixes in {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",)}.items():
-        if suffix in suffixes:
-            return name
-    raise ConfigError(f"data: cannot tell the format of {path} from its suffix; set data.format")
+@dataclass(frozen=True)
+class Source:
+    """One configured source, classified without reading it."""
+
+    kind: str  # "files" | "saved" (save_to_disk) | "folder" (data files) | "hub"
+    label: str  # as configured: names the source in errors
+    split: str  # datasets' split spec, slicing included: train[:2000]
+    field: str  # the config key that named it
+    paths: tuple[str, ...] = ()  # files, or the one folder or hub id
+    revision: str | None = None
+
+    @property
+    def split_name(self) -> str:
+        return self.split.split("[", 1)[0].strip()
+
+    @property
+    def pinned(self) -> bool:
+        return self.kind != "hub" or bool(self.revision and PINNED.match(self.revision))
 
 
-def read_rows(path: Path, fmt: str, field: str, limit: int | None = None) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"{field}: file not found: {path}")
-    fmt = detect_format(path, fmt)
-    if fmt == "jsonl":
-        rows = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+# ---------------------------------------------------------------- sources
+
+
+def parse_source(value: str, split: str, cfg: DataConfig, field: str) -> Source:
+    """Classify a source like `parse_base` classifies a model: an existing path or glob is local,
+    `owner/name` that is not one is a hub id; anything else is a missing file, named with its field."""
+    if re.search(r"[*?\[]", value):
+        files = sorted(p for p in glob.glob(os.path.expanduser(value), recursive=True) if Path(p).is_file())
+        if not files:
+            raise ConfigError(f"{field}: no file matches {value}")
+        return Source("files", value, split, field, tuple(files))
+    path = Path(value).expanduser()
+    if path.is_file():
+        return Source("files", value, split, field, (str(path),))
+    if path.is_dir():
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        return Source("saved" if saved else "folder", value, split, field, (str(path),))
+    looks_like_path = value.startswith((".", "/", "~")) or value.count("/") != 1 or _suffix(value) in SUFFIXES
+    if looks_like_path or not HUB_ID.match(value):
+        raise ConfigError(f"{field}: file not found: {value}")
+    return Source("hub", value, split, field, (value,), cfg.revision)
+
+
+def data_sources(cfg: DataConfig, field: str = "data") -> dict[str, Source]:
+    """The train source and, when configured, the eval source."""
+    sources = {"train": parse_source(cfg.train, cfg.split, cfg, f"{field}.train")}
+    if cfg.eval is not None:
+        sources["eval"] = parse_source(cfg.eval, cfg.eval_split, cfg, f"{field}.eval")
+    if cfg.revision is not None and all(s.kind != "hub" for s in sources.values()):
+        raise ConfigError(f"{field}.revision: only a hub dataset has a revision; {cfg.train} is local")
+    return sources
+
+
+def _suffix(name: str) -> str:
+    """The data suffix, under a compression suffix (`x.jsonl.gz` is JSON, as datasets reads it)."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    while suffixes and suffixes[-1] in COMPRESSION:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _builder(source: Source, cfg: DataConfig) -> tuple[str, dict]:
+    if cfg.builder != "auto":
+        return cfg.builder, {}
+    found = {}
+    for f in source.paths:
+        if _suffix(f) not in SUFFIXES:
+            raise ConfigError(
+                f"{source.field}: cannot tell the file type of {f} from its suffix; set data.builder (json, csv, parquet or arrow)"
+            )
+        found[SUFFIXES[_suffix(f)][0]] = SUFFIXES[_suffix(f)]
+    if len(found) > 1:
+        raise ConfigError(f"{source.field}: {source.label} matches files of several types ({', '.join(sorted(found))})")
+    return next(iter(found.values()))
+
+
+# ---------------------------------------------------------------- reading
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence datasets' progress bars and log lines (`Using the latest cached version`, `Failed to
+    load JSON`): ftd reports progress itself, and an input error must reach the user as one line.
+    Also turns off datasets' download counter, a request to S3 on every load, local files included."""
+    from datasets import config as ds_config
+    from datasets import utils as ds_utils
+    from datasets.utils import logging as ds_logging
+
+    ds_config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
+    level, bars_off = ds_logging.get_verbosity(), ds_utils.are_progress_bars_disabled()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    ds_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if not bars_off:
+            ds_utils.enable_progress_bars()
+
+
+def open_source(source: Source, cfg: DataConfig, streaming: bool, cache_dir: Path | None = None) -> Any:
+    """The source's split as a `Dataset` (Arrow, memory-mapped) or, streaming, an `IterableDataset`
+    (streamed splits are not sliced: the sample is from the split's start). Hub datasets use
+    datasets' own cache; local files are prepared into `cache_dir`."""
+    from datasets import load_dataset
+
+    split = source.split_name if streaming else source.split
+    cache = str(cache_dir) if cache_dir is not None else None
+    try:
+        with quiet():
+            if source.kind == "saved":
+                return _saved_split(source)
+            if source.kind == "hub":
+                dataset = load_dataset(source.paths[0], revision=source.revision, split=split, streaming=streaming)
+                _check_commit(dataset, source)
+                return dataset
+            if source.kind == "folder":
+                if cfg.builder == "auto":
+                    return load_dataset(source.paths[0], split=split, streaming=streaming, cache_dir=cache)
+                return load_dataset(
+                    cfg.builder, data_dir=source.paths[0], split=split, streaming=streaming, cache_dir=cache
+                )
+            builder, options = _builder(source, cfg)
+            files = list(source.paths)
+            return load_dataset(builder, data_files=files, split=split, streaming=streaming, cache_dir=cache, **options)
+    except ConfigError:
+        raise
+    except Exception as exc:  # whatever datasets or pyarrow raise for a source they cannot read
+        raise unreadable(source, exc) from None
+
+
+def _saved_split(source: Source) -> Dataset:
+    """A `save_to_disk` folder (one dataset or a dict of splits), sliced like load_dataset slices."""
+    from datasets import DatasetDict, ReadInstruction, concatenate_datasets, load_from_disk
+
+    saved = load_from_disk(source.paths[0])
+    dataset = saved
+    if isinstance(saved, DatasetDict):
+        if source.split_name not in saved:
+            raise ConfigError(
+                f"{source.field}: {source.label} has no split {source.split_name!r} (splits: {', '.join(saved)})"
+            )
+        dataset = saved[source.split_name]
+    if source.split == source.split_name:
+        return dataset
+    parts = ReadInstruction.from_spec(source.split).to_absolute({source.split_name: len(dataset)})
+    return concatenate_datasets([dataset.select(range(p.from_, p.to)) for p in parts])
+
+
+def _check_commit(dataset: Any, source: Source) -> None:
+    """Offline, datasets loads the latest cached commit whatever the revision says: refuse a copy
+    that is not the pinned one rather than train on other data under the pinned key."""
+    if not (source.revision and PINNED.match(source.revision)):
+        return
+    for entry in getattr(dataset, "cache_files", None) or []:
+        commits = [part for part in Path(entry["filename"]).parts if PINNED.match(part)]
+        if commits and commits[-1] != source.revision:
+            raise ConfigError(
+                f"{source.field}: the copy of {source.label} that datasets loaded is at commit {commits[-1]}, "
+                f"not the pinned revision {source.revision} (offline, only the latest cached commit is used)"
+            )
+
+
+def unreadable(source: Source, exc: BaseException) -> ConfigError:
+    """One line for a source datasets could not read: for JSON lines, the file and line."""
+    cause = exc.__cause__ if exc.__cause__ is not None and type(exc).__name__ == "DatasetGenerationError" else exc
+    parse_error = type(cause).__name__ in ("ArrowInvalid", "JSONDecodeError")  # not e.g. an unknown split
+    if parse_error and source.kind == "files" and all(_suffix(f) in (".jsonl", ".ndjson") for f in source.paths):
+        for path in source.paths:
+            bad = _first_bad_json_line(Path(path))
+            if bad is not None:
+                return ConfigError(f"{path}:{bad[0]}: not valid JSON ({bad[1]})")
+    text = (str(cause).strip().splitlines() or [""])[0]
+    return ConfigError(f"{source.field}: cannot read {source.label}: {type(cause).__name__}: {text}")
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    if path.suffix.lower() in COMPRESSION:
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if limit and len(rows) >= limit:
-                    break
-        return rows
-    import pandas as pd
-
-    frame = pd.read_csv(path, nrows=limit) if fmt == "csv" else pd.read_parquet(path)
-    return frame.head(limit).to_dict("records") if limit else frame.to_dict("records")
+                    return lineno, exc.msg
+    return None
 
 
-def check_layout(rows: list[dict], cfg: DataConfig, path: Path) -> None:
-    """Every row has the configured columns, and chat rows end with an assistant turn."""
-    if not rows:
-        raise ConfigError(f"{path}: no rows")
-    columns = [cfg.messages_field] if cfg.uses_messages else [cfg.prompt_field, cfg.response_field]
-    for i, row in enumerate(rows):
-        missing = [c for c in columns if c not in row]
-        if missing:
-            have = ", ".join(sorted(row)) or "none"
-            raise ConfigError(f"{path}: row {i + 1} has no column {missing[0]!r} (columns: {have})")
-        if cfg.uses_messages:
-            messages = row[cfg.messages_field]
-            if not isinstance(messages, list) or not messages:
-                raise ConfigError(f"{path}: row {i + 1}: {cfg.messages_field!r} must be a non-empty list of messages")
-            for m in messages:
-                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise ConfigError(
-                        f"{path}: row {i + 1}: each message needs role in {sorted(ROLES)} and text content"
-                    )
-            if messages[-1]["role"] != "assistant":
-                raise ConfigError(f"{path}: row {i + 1}: the last message must be the assistant's answer")
+# ---------------------------------------------------------------- checking and normalising rows
 
 
-def to_prompt_completion(row: dict, cfg: DataConfig) -> dict:
-    if cfg.uses_messages:
-        messages = list(row[cfg.messages_field])
+def check_columns(columns: list[str], cfg: DataConfig, label: str) -> None:
+    """The schema: every column the format needs is there."""
+    missing = [c for c in cfg.columns if c not in columns]
+    if missing:
+        have = ", ".join(sorted(columns)) or "none"
+        raise ConfigError(f"{label}: row 1 has no column {missing[0]!r} (columns: {have})")
+
+
+def examples(row: dict, cfg: DataConfig, where: str) -> list[tuple[list[dict], str]]:
+    """The (prompt messages, answer) pairs one source row trains on; ConfigError naming the row
+    and column when it does not fit the format. `turns: all` gives one pair per assistant turn."""
+    if cfg.format == "alpaca":
+        messages = _alpaca(row, where)
+    elif cfg.format == "prompt_response":
+        prompt, response = cfg.columns
+        messages = [{"role": "user", "content": _text(row, prompt, where)},
+                    {"role": "assistant", "content": _text(row, response, where)}]  # fmt: skip
     else:
-        messages = [
-            {"role": "user", "content": str(row[cfg.prompt_field])},
-            {"role": "assistant", "content": str(row[cfg.response_field])},
-        ]
+        messages = _conversation(row, cfg, where)
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-    answer = messages[-1]["content"]
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "answer": answer}
+    last = len(messages) - 1
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if cfg.turns == "all" else [last]
+    return [(messages[:i], messages[i]["content"]) for i in ends]
 
 
-def data_key(cfg: DataConfig) -> str:
-    files = [file_digest(cfg.train)] + ([file_digest(cfg.eval)] if cfg.eval else [])
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(row: dict, column: str, where: str) -> str:
+    """A text cell; numbers (a CSV column of digits) are taken as their text, as before."""
+    value = row.get(column)
+    if value is None or isinstance(value, (list, dict, bool)):
+        raise ConfigError(f"{where}, column {column!r}: expected text (got {_show(value)})")
+    return str(value)
+
+
+def _alpaca(row: dict, where: str) -> list[dict]:
+    prompt = _text(row, "instruction", where)
+    if row.get("input") not in (None, ""):
+        prompt = f"{prompt}\n\n{_text(row, 'input', where)}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)}]
+
+
+def _conversation(row: dict, cfg: DataConfig, where: str) -> list[dict]:
+    """messages ({role, content}) or sharegpt ({from, value}, role names mapped), ending with the
+    assistant's answer."""
+    column = cfg.columns[0]
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{where}, column {column!r}: expected a non-empty list of messages (got {_show(turns)})")
+    sharegpt = cfg.format == "sharegpt"
+    messages = []
+    for k, turn in enumerate(turns, 1):
+        turn = turn if isinstance(turn, dict) else {}
+        role, content = (turn.get("from"), turn.get("value")) if sharegpt else (turn.get("role"), turn.get("content"))
+        role = SHAREGPT_ROLES.get(str(role).lower()) if sharegpt else role
+        if role not in ROLES or not isinstance(content, str):
+            expected = (
+                f"from in {sorted(SHAREGPT_ROLES)} and text value"
+                if sharegpt
+                else f"role in {list(ROLES)} and text content"
+            )
+            raise ConfigError(
+                f"{where}, column {column!r}, message {k}: expected {expected} (got {_show(turns[k - 1])})"
+            )
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ConfigError(f"{where}, column {column!r}: the last message must be the assistant's answer")
+    return messages
+
+
+def check_data(cfg: DataConfig, field: str, sample: int) -> None:
+    """Pre-flight: each source can be read, has the format's columns, and its first `sample` rows
+    fit the format (streamed: nothing is prepared or stored)."""
+    for source in data_sources(cfg, field).values():
+        rows, columns = _sample(source, cfg, sample)
+        check_columns(columns, cfg, source.label)
+        if not rows:
+            raise ConfigError(f"{source.label}: no rows")
+        for i, row in enumerate(rows):
+            examples(row, cfg, f"{source.label}: row {i + 1}")
+
+
+def _sample(source: Source, cfg: DataConfig, sample: int) -> tuple[list[dict], list[str]]:
+    from datasets import IterableDataset
+
+    dataset = open_source(source, cfg, streaming=source.kind != "saved")
+    try:
+        with quiet():
+            if isinstance(dataset, IterableDataset):
+                rows = list(islice(dataset, sample))
+                return rows, list(dataset.column_names or (rows[0] if rows else []))
+            return dataset.select(range(min(sample, len(dataset)))).to_list(), list(dataset.column_names)
+    except Exception as exc:  # a streamed source fails while it is read
+        raise unreadable(source, exc) from None
+
+
+# Rows of the normal form: what sft.py, smoke.py and the backends read through `load_split`.
+def _normal_features() -> Any:
+    from datasets import Features, Value
+
+    message = {"role": Value("string"), "content": Value("string")}
+    return Features({"prompt": [message], "completion": [message], "answer": Value("string")})
+
+
+def _normalise_batch(batch: dict[str, list], indices: list[int], cfg: DataConfig, label: str,
+                     rows: list[int] | None) -> dict[str, list]:  # fmt: skip
+    """One batch of source rows to normal rows; `rows` maps a position in a shuffled split back to
+    the source row an error must name."""
+    out: dict[str, list] = {"prompt": [], "completion": [], "answer": []}
+    for j, index in enumerate(indices):
+        row = {name: values[j] for name, values in batch.items()}
+        number = (rows[index] if rows is not None else index) + 1
+        for prompt, answer in examples(row, cfg, f"{label}: row {number}"):
+            out["prompt"].append(prompt)
+            out["completion"].append([{"role": "assistant", "content": answer}])
+            out["answer"].append(answer)
+    return out
+
+
+def _write_split(dataset: Dataset, cfg: DataConfig, label: str, rows: list[int] | None, out: Path, work: Path) -> int:
+    """Check and normalise every row (several processes for large data), written as JSON lines."""
+    check_columns(dataset.column_names, cfg, label)
+    optional = ("input",) if cfg.format == "alpaca" and "input" in dataset.column_names else ()
+    columns = [*cfg.columns, *optional]
+    processes = min(4, os.cpu_count() or 1) if len(dataset) >= LARGE else None
+    with quiet():
+        normal = dataset.select_columns(columns).map(
+            _normalise_batch, batched=True, with_indices=True, remove_columns=columns,
+            fn_kwargs={"cfg": cfg, "label": label, "rows": rows}, features=_normal_features(), num_proc=processes,
+            cache_file_name=str(work / f"{out.stem}.arrow"), new_fingerprint=digest(out.name, label, len(dataset)),
+        )  # fmt: skip
+        normal.to_json(str(out), lines=True, num_proc=processes)
+    return len(normal)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def source_digest(source: Source) -> str | None:
+    """What identifies a source's content without reading it through datasets: the bytes of its
+    files (their order, not their names, for a glob), a folder's tree, or a hub id at a pinned
+    commit; None for an unpinned hub dataset, whose content is known only once it is loaded."""
+    if source.kind == "files":
+        digests = [file_digest(Path(f)) for f in source.paths]
+        return digests[0] if len(digests) == 1 else digest(digests, length=64)
+    if source.kind in ("saved", "folder"):
+        return tree_digest(Path(source.paths[0]), exclude={".cache", ".git"})
+    return f"{source.label}@{source.revision}" if source.pinned else None
+
+
+def _key(cfg: DataConfig, inputs: list[str]) -> str:
     # Paths are not content: drop them from the hashed config section.
     section = cfg.model_dump(mode="json", exclude={"train", "eval"}) | {"has_eval_file": cfg.eval is not None}
-    return stage_key(STAGE, code=code_version(__file__), config=section, inputs=files, libraries={})
+    libraries = library_versions("datasets", "pyarrow")
+    return stage_key(STAGE, code=code_version(__file__), config=section, inputs=inputs, libraries=libraries)
+
+
+def data_key(cfg: DataConfig) -> str | None:
+    """The stage's key; None (not cached ahead of the stage) for an unpinned hub dataset."""
+    inputs = [source_digest(s) for s in data_sources(cfg).values()]
+    return None if None in inputs else _key(cfg, inputs)  # type: ignore[arg-type]
+
+
+def _loaded_digest(dataset: Any, source: Source, store: Store) -> str:
+    """An unpinned hub dataset's content: the Arrow files datasets prepared, memoised by their stat
+    (like a local base model's weights), so an unchanged copy costs no rehash."""
+    memo_path = store.root / "data-hash-memo.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    entries = []
+    for entry in dataset.cache_files:
+        path = Path(entry["filename"])
+        st = path.stat()
+        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        entries.append(memo[stamp] if stamp in memo else memo.setdefault(stamp, file_digest(path)))
+    if not entries:  # held in memory, no files to hash: key by its fingerprint (never a stale hit)
+        entries.append(dataset._fingerprint)
+    store.root.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return f"{source.label}@content:{digest(entries, length=64)}"
 
 
 def prepare_data(cfg: DataConfig, store: Store) -> Artifact:
-    def build(tmp: Path) -> dict:
-        train_rows = read_rows(cfg.train, cfg.format, "data.train")
-        check_layout(train_rows, cfg, cfg.train)
-        if cfg.eval:
-            eval_rows = read_rows(cfg.eval, cfg.format, "data.eval")
-            check_layout(eval_rows, cfg, cfg.eval)
-        else:
-            shuffled = train_rows[:]
-            random.Random(cfg.seed).shuffle(shuffled)
-            n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
-            eval_rows, train_rows = shuffled[:n_eval], shuffled[n_eval:]
-        for name, rows in (("train", train_rows), ("eval", eval_rows)):
-            with open(tmp / f"{name}.jsonl", "w") as f:
-                for row in rows:
-                    f.write(json.dumps(to_prompt_completion(row, cfg)) + "\n")
-        return {"train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    """train.jsonl and eval.jsonl in the normal form; every row checked on the way, an error
+    naming the source row even after the shuffle that holds out `eval_fraction`."""
+    sources = data_sources(cfg)
+    cache_dir = store.root / "cache" / "datasets"
+    loaded: dict[str, Any] = {}
+    key = data_key(cfg)
+    if key is None:  # an unpinned hub source: load it first, its content is the key
+        inputs = []
+        for name, source in sources.items():
+            if not source.pinned:
+                loaded[name] = open_source(source, cfg, streaming=False, cache_dir=cache_dir)
+            inputs.append(source_digest(source) or _loaded_digest(loaded[name], source, store))
+        key = _key(cfg, inputs)
 
-    return store.materialize(STAGE, data_key(cfg), build)
+    def load(name: str) -> Dataset:
+        return loaded[name] if name in loaded else open_source(sources[name], cfg, streaming=False, cache_dir=cache_dir)
+
+    def build(tmp: Path) -> dict:
+        train, work = load("train"), tmp / ".work"
+        label = sources["train"].label
+        if len(train) == 0:
+            raise ConfigError(f"{label}: no rows")
+        if "eval" in sources:
+            splits = {"train": (train, label, None), "eval": (load("eval"), sources["eval"].label, None)}
+        else:  # the same shuffle as ever: a permutation of row numbers, the rows stay in Arrow
+            order = list(range(len(train)))
+            random.Random(cfg.seed).shuffle(order)
+            n_eval = max(1, int(len(order) * cfg.eval_fraction))
+            splits = {"train": (train.select(order[n_eval:]), label, order[n_eval:]),
+                      "eval": (train.select(order[:n_eval]), label, order[:n_eval])}  # fmt: skip
+        meta = {f"{name}_rows": _write_split(ds, cfg, where, rows, tmp / f"{name}.jsonl", work)
+                for name, (ds, where, rows) in splits.items()}  # fmt: skip
+        meta["source_rows"] = {name: len(ds) for name, (ds, _, _) in splits.items()}
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
+
+    return store.materialize(STAGE, key, build)
 
 
 def load_split(data: Artifact, store: Store, split: str) -> list[dict]:

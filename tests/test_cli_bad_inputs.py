@@ -17,6 +17,8 @@ SUBPROCESS = {"missing dataset file", "misspelt key", "unreachable tracking serv
 
 CASES = {
     "missing dataset file": (["--set", "adapters.0.data.train=data/numbers/nope.jsonl"], r"adapters\.numbers\.data\.train: file not found: data/numbers/nope\.jsonl"),
+    "data.format naming a file type": (["--set", "adapters.0.data.format=parquet"], r"`adapters\.0\.data\.format`: Value error, 'parquet' is a file type: use `builder: parquet` instead \(`format` now names the instruction layout"),
+    "data in another format than configured": (["--set", "adapters.0.data.format=alpaca"], r"train\.jsonl: row 1 has no column 'instruction' \(columns: messages\)"),
     "missing column": (["--set", "adapters.0.data.messages_field=conversation"], r"train\.jsonl: row 1 has no column 'conversation' \(columns: messages\)"),
     "unknown target module": (["--set", "adapters.0.lora.target_modules=[q_proj, qkv_proj]"], r"adapters\.numbers\.lora\.target_modules: \['qkv_proj'\] not in LlamaForCausalLM"),
     "r <= 0": (["--set", "adapters.0.lora.r=0"], r"`adapters\.0\.lora\.r`: Input should be greater than 0 \(got 0\)"),

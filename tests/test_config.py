@@ -36,6 +36,11 @@ def test_overrides_reach_nested_list_items_and_parse_yaml_values() -> None:
         ("adapters.0.sft.max_steps=0", "must be -1 (use epochs) or a positive number of steps"),
         ("targets.0.name=../../etc", "`targets.0.name`: String should match pattern"),
         ("adapters.0.data.prompt_field=q", "set both prompt_field and response_field"),
+        ("adapters.0.data.format=jsonl", "`adapters.0.data.format`: Value error, 'jsonl' is a file type: use `builder: json` instead"),
+        ("adapters.0.data.format=csv", "'csv' is a file type: use `builder: csv` instead"),
+        ("adapters.0.data.format=yaml", "`adapters.0.data.format`: Input should be 'messages', 'alpaca', 'sharegpt' or 'prompt_response'"),
+        ("adapters.0.data.builder=jsonl", "`adapters.0.data.builder`: Input should be 'auto', 'json', 'csv', 'parquet' or 'arrow'"),
+        ("adapters.0.data.eval=data/numbers/train.jsonl", "eval is the same source and split as train: set eval_split"),
         ("smok.max_prompts=3", "unknown key `smok` (did you mean `smoke`?)"),
     ],
 )
@@ -43,6 +48,20 @@ def test_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(DEFAULT, [override])
     assert message in str(err.value)
+
+
+def test_data_format_names_the_layout_and_prompt_fields_imply_it() -> None:
+    """`format` named the file type before #26; prompt/response fields alone still mean prompt_response."""
+    from ftd.config import DataConfig
+
+    assert DataConfig(train="t.csv").format == "messages"
+    legacy = DataConfig(train="t.csv", prompt_field="q", response_field="a")
+    assert (legacy.format, legacy.columns) == ("prompt_response", ("q", "a"))
+    assert DataConfig(train="t.json", format="sharegpt").columns == ("conversations",)
+    assert DataConfig(train="t.json", format="alpaca").columns == ("instruction", "output")
+    with pytest.raises(ValueError, match="prompt_field and response_field are for format prompt_response, not alpaca"):
+        DataConfig(train="t.csv", format="alpaca", prompt_field="q", response_field="a")
+    assert DataConfig(train=Path("data/x.jsonl")).train == "data/x.jsonl"
 
 
 def test_duplicate_adapter_names_are_refused() -> None:

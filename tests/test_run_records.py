@@ -111,3 +111,22 @@ def test_a_hub_model_counts_only_when_pinned_to_a_commit(setup) -> None:
     assert "without a pinned commit" in run_records.check(unpinned, URI).reason
     pinned = load_config(DEFAULT_CONFIG, [*overrides, "base_model=org/model", "revision=" + "a" * 40])
     assert run_records.fingerprint_parts(pinned, URI) is not None
+
+
+def test_data_folders_count_by_content_and_an_unpinned_hub_dataset_never_is_up_to_date(setup, tmp_path) -> None:
+    """A `save_to_disk` folder is an input like a file (its bytes); a hub dataset without a pinned
+    commit can change on the hub, so a run over it is never up to date."""
+    from datasets import Dataset
+
+    _, overrides, data, _, _ = setup
+    folder = tmp_path / "saved"
+    Dataset.from_json(str(data / "train.jsonl")).save_to_disk(str(folder))
+    cfg = load_config(DEFAULT_CONFIG, [*overrides, f"adapters.0.data.train={folder}"])
+    first = run_records.fingerprint_parts(cfg, URI)
+    assert first is not None and first == run_records.fingerprint_parts(cfg, URI)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    assert run_records.fingerprint_parts(load_config(DEFAULT_CONFIG, [*overrides, f"adapters.0.data.train={moved}"]),
+                                         URI)["inputs"] == first["inputs"]  # fmt: skip
+    hub = load_config(DEFAULT_CONFIG, [*overrides, "adapters.0.data.train=org/instructions"])
+    assert run_records.fingerprint_parts(hub, URI) is None

@@ -80,7 +80,9 @@ def finetune_to_deploy(
 
 def _adapter_chain(cfg: ExperimentConfig, adapter_cfg, base: Artifact, store: Store, stages: StageLog) -> AdapterChain:
     name = adapter_cfg.name
-    data = stages.run(prepare_data_task, name, cfg=adapter_cfg.data, store=store)
+    # the base's tokenizer and the adapter's max_length: token statistics, and `data.overlong`
+    data = stages.run(prepare_data_task, name, cfg=adapter_cfg.data, store=store, base=base,
+                      max_length=adapter_cfg.sft.max_length, trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     if adapter_cfg.import_from is not None:
         adapter = stages.run(import_task, name, base=base, adapter=adapter_cfg, store=store)
     else:

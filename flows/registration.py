@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 
+from flows.report import data_metrics
 from ftd.config import ExperimentConfig, TargetConfig
 from ftd.store import Artifact, Store
 from ftd.tracking import Tracker
@@ -188,6 +189,7 @@ def _log_adapter(tracker: Tracker, store: Store, chain: AdapterChain, mine: list
         f"{chain.name}.tokens_per_second": sft_meta.get("tokens_per_second"),
         f"{chain.name}.eval_accuracy_before": (ref_meta.get("base") or {}).get("accuracy"),
         f"{chain.name}.eval_accuracy_after": ref_meta["adapter"]["accuracy"],
+        **data_metrics([chain]),
     })  # fmt: skip
     for d in mine:
         prefix = f"{chain.name}.{d.target.name}"

@@ -11,8 +11,19 @@ from ftd.store import Artifact, Store
 from tasks.backends.base import AdapterChain, Deployment, Status
 
 
-def metrics(chains: list[AdapterChain], deployments: list[Deployment]) -> dict:
+def data_metrics(chains: list[AdapterChain]) -> dict:
+    """Each adapter's train tokens and rows over max_length (MLflow metrics, in the run summary)."""
     out: dict = {}
+    for a in chains:
+        stats = a.data.meta.get("tokens")
+        if stats:  # absent: a data artifact made without the base's tokenizer
+            out[f"{a.name}.data.train_tokens"] = stats["train"]["tokens"]
+            out[f"{a.name}.data.over_max_length"] = stats["train"]["over_max_length"]
+    return out
+
+
+def metrics(chains: list[AdapterChain], deployments: list[Deployment]) -> dict:
+    out: dict = data_metrics(chains)
     for a in chains:
         out[f"{a.name}.eval_accuracy_before"] = (a.reference.meta.get("base") or {}).get("accuracy")
         out[f"{a.name}.eval_accuracy_after"] = a.reference.meta["adapter"]["accuracy"]
@@ -35,6 +46,7 @@ def run_report(
         before = (a.reference.meta.get("base") or {}).get("accuracy")
         after = a.reference.meta["adapter"]["accuracy"]
         lines.append(f"- **{a.name}**: eval accuracy {_pct(before)} before SFT, {_pct(after)} after")
+        lines += [f"  - {line}" for line in [data_line(a.data.meta)] if line]
         lines += [_outcome_line(d) for d in deployments if d.adapter == a.name]
     lines.append("")
     lines += [_smoke_markdown(d.smoke, store, d.adapter) for d in deployments if d.smoke is not None]
@@ -47,6 +59,27 @@ def run_report(
     lines += [f"| {r['kind']} | {r['item']} | {r['name']} | {r['version']} | {r['new']} | {r.get('served', '-')} |"
               for r in registered]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+OVERLONG = {"warn": "truncated by training", "truncate": "truncated by training", "drop": "dropped"}
+
+
+def data_line(meta: dict) -> str | None:
+    """The data stage's token statistics in one line, e.g. `data: 1936 train rows, 58,123 tokens
+    (max 41), 0 over max_length 64`; what became of rows over max_length, and eval rows over it."""
+    stats = meta.get("tokens")
+    if not stats:
+        return None
+    train, evals, limit = stats["train"], stats.get("eval") or {}, stats["max_length"]
+    line = (f"data: {train['rows']} train rows, {train['tokens']:,} tokens (max {train['max_tokens']}), "
+            f"{train['over_max_length']} over max_length {limit}")  # fmt: skip
+    if train["over_max_length"]:
+        line += f": {OVERLONG[stats['overlong']]} (data.overlong: {stats['overlong']})"
+    if stats["dropped"]:
+        line += f", {train['rows'] - stats['dropped']} train rows left"
+    if evals.get("over_max_length"):
+        line += f"; eval: {evals['over_max_length']} of {evals['rows']} rows over max_length {limit} (kept)"
+    return line
 
 
 def _outcome_line(d: Deployment) -> str:

@@ -59,6 +59,11 @@ class DataConfig(Section):
     response_field: str | None = Field(None, description="...and the response column.")
     system_prompt: str | None = None
     chat_template: str | None = Field(None, description="Jinja template; default: the tokenizer's.")
+    overlong: Literal["warn", "truncate", "drop"] = Field(
+        "warn",
+        description="Train rows longer than the adapter's sft.max_length tokens: warn (kept; training truncates "
+        "them), truncate (kept, silently) or drop (left out of train.jsonl; eval rows are always kept).",
+    )
     seed: int = 0
 
     @field_validator("train", "eval", mode="before")

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(DEFAULT_CONFIG, [f"base_model={model_dir}", f"artifacts_dir={work}"])
     base = resolve_base(parse_base(str(model_dir)), store)
     adapter_cfg = cfg.adapters[0]
-    data = prepare_data(adapter_cfg.data, store)
+    data = prepare_data(adapter_cfg.data, store, base, adapter_cfg.sft.max_length)
     rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in load_split(data, store, "train")]
 
     # ---------------------------------------------------------------- SFT: ftd and plain TRL, bf16 and fp32

@@ -12,30 +12,38 @@ first bad row and column before any compute starts.
 The stage's key hashes the sources' bytes (local) or the pinned commit (hub), never their paths.
 An unpinned hub dataset can move on the hub: like an unpinned hub model, it is keyed by the
 content of what was loaded, and its run is never "up to date".
+
+Given the base model, the stage also counts each row's tokens as training will (the chat template
+over prompt + completion, with the base's tokenizer) and records, per split, the rows, tokens, the
+longest row and how many rows exceed the adapter's `max_length`; `data.overlong` says what happens
+to those train rows (warn: kept, training truncates them; truncate: the same, silently; drop).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftd.config import DataConfig
+from ftd.config import DataConfig, SftSettings
 from ftd.errors import ConfigError
 from ftd.store import Artifact, Store, code_version, digest, file_digest, library_versions, stage_key, tree_digest
-from tasks.base_model import HUB_ID
+from tasks.base_model import HUB_ID, model_dir
+from tasks.modeling import load_tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 STAGE = "data"
 ROLES = ("assistant", "system", "user")
@@ -47,6 +55,8 @@ SUFFIXES = {".json": ("json", {}), ".jsonl": ("json", {}), ".ndjson": ("json", {
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 PINNED = re.compile(r"^[0-9a-f]{40}$")
 LARGE = 100_000  # rows from which normalising uses several processes
+DEFAULT_MAX_LENGTH = SftSettings().max_length  # an imported adapter's, and a caller's that gives none
+log = logging.getLogger("ftd.data")
 
 
 @dataclass(frozen=True)
@@ -365,20 +375,105 @@ def _normalise_batch(batch: dict[str, list], indices: list[int], cfg: DataConfig
     return out
 
 
-def _write_split(dataset: Dataset, cfg: DataConfig, label: str, rows: list[int] | None, out: Path, work: Path) -> int:
-    """Check and normalise every row (several processes for large data), written as JSON lines."""
+def _processes(rows: int) -> int | None:
+    """Several processes from LARGE rows: below that, starting them costs more than they save."""
+    return min(4, os.cpu_count() or 1) if rows >= LARGE else None
+
+
+def _normalise(dataset: Dataset, cfg: DataConfig, label: str, rows: list[int] | None, name: str, work: Path) -> Dataset:
+    """Check and normalise every row (several processes for large data), kept in Arrow."""
     check_columns(dataset.column_names, cfg, label)
     optional = ("input",) if cfg.format == "alpaca" and "input" in dataset.column_names else ()
     columns = [*cfg.columns, *optional]
-    processes = min(4, os.cpu_count() or 1) if len(dataset) >= LARGE else None
-    with quiet():
-        normal = dataset.select_columns(columns).map(
-            _normalise_batch, batched=True, with_indices=True, remove_columns=columns,
-            fn_kwargs={"cfg": cfg, "label": label, "rows": rows}, features=_normal_features(), num_proc=processes,
-            cache_file_name=str(work / f"{out.stem}.arrow"), new_fingerprint=digest(out.name, label, len(dataset)),
-        )  # fmt: skip
-        normal.to_json(str(out), lines=True, num_proc=processes)
+    return dataset.select_columns(columns).map(
+        _normalise_batch, batched=True, with_indices=True, remove_columns=columns,
+        fn_kwargs={"cfg": cfg, "label": label, "rows": rows}, features=_normal_features(),
+        num_proc=_processes(len(dataset)), cache_file_name=str(work / f"{name}.arrow"),
+        new_fingerprint=digest(name, label, len(dataset)),
+    )  # fmt: skip
+
+
+def _write(normal: Dataset, out: Path) -> int:
+    """The normal form as JSON lines (the `tokens` column is the stage's own, not the rows')."""
+    if "tokens" in normal.column_names:
+        normal = normal.remove_columns("tokens")
+    normal.to_json(str(out), lines=True, num_proc=_processes(len(normal)))
     return len(normal)
+
+
+# ---------------------------------------------------------------- token statistics
+
+
+def _tokenizer(base: Artifact, cfg: DataConfig, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer and chat template training will use: counts made with any other would not be
+    the lengths SFTTrainer truncates."""
+    tokenizer = load_tokenizer(model_dir(base), trust_remote_code, cfg.chat_template)
+    if not tokenizer.chat_template:
+        raise ConfigError("data.chat_template: the base model's tokenizer has no chat template; set one")
+    return tokenizer
+
+
+def _token_batch(
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, split: str
+) -> dict[str, list]:
+    """Each row's length as TRL's SFTTrainer tokenises a conversational prompt/completion row: the
+    chat template applied to prompt + completion messages, tokenize=True."""
+    conversations = [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
+    try:
+        ids = tokenizer.apply_chat_template(conversations, tokenize=True)
+    except Exception:  # a template that refuses a row (raise_exception): find and name it
+        for index, conversation in zip(indices, conversations, strict=True):
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=True)
+            except Exception as exc:
+                text = (str(exc).strip().splitlines() or [""])[0]
+                raise ConfigError(
+                    f"data.chat_template: cannot apply it to {split} row {index + 1}: {type(exc).__name__}: {text}"
+                ) from None
+        raise
+    return {"tokens": [len(row) for row in ids]}
+
+
+def _count_tokens(normal: Dataset, tokenizer: PreTrainedTokenizerBase, name: str, work: Path) -> Dataset:
+    """The normal rows with a `tokens` column (batched, several processes for large data)."""
+    return normal.map(
+        _token_batch, batched=True, with_indices=True, fn_kwargs={"tokenizer": tokenizer, "split": name},
+        num_proc=_processes(len(normal)), cache_file_name=str(work / f"{name}-tokens.arrow"),
+        new_fingerprint=digest(name, "tokens", normal._fingerprint),
+    )  # fmt: skip
+
+
+def _token_stats(counted: Dataset, max_length: int) -> dict[str, int]:
+    """One split's figures, from its `tokens` column in Arrow (never a Python list of the rows)."""
+    import pyarrow.compute as pc
+
+    tokens = counted.data.column("tokens")
+    return {"rows": len(counted), "tokens": pc.sum(tokens).as_py() or 0, "max_tokens": pc.max(tokens).as_py() or 0,
+            "over_max_length": pc.sum(pc.greater(tokens, max_length)).as_py() or 0}  # fmt: skip
+
+
+def _fits(tokens: list[int], max_length: int) -> list[bool]:
+    return [n <= max_length for n in tokens]
+
+
+def _drop_overlong(counted: Dataset, max_length: int, work: Path) -> Dataset:
+    """The train rows no longer than max_length (`overlong: drop`)."""
+    return counted.filter(
+        _fits, input_columns="tokens", batched=True, fn_kwargs={"max_length": max_length},
+        num_proc=_processes(len(counted)), cache_file_name=str(work / "train-kept.arrow"),
+        new_fingerprint=digest("kept", max_length, counted._fingerprint),
+    )  # fmt: skip
+
+
+def _warn_overlong(stats: dict, max_length: int, label: str) -> None:
+    train, evals = stats["train"], stats.get("eval", {})
+    eval_over = evals.get("over_max_length", 0)
+    evals_note = f"; {eval_over} of {evals['rows']} eval rows too" if eval_over else ""
+    log.warning(
+        "%s: %d of %d train rows are longer than max_length %d tokens (the longest: %d); training truncates them%s "
+        "(data.overlong: truncate to keep them without this warning, drop to leave them out)",
+        label, train["over_max_length"], train["rows"], max_length, train["max_tokens"], evals_note,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- the stage
@@ -396,17 +491,24 @@ def source_digest(source: Source) -> str | None:
     return f"{source.label}@{source.revision}" if source.pinned else None
 
 
-def _key(cfg: DataConfig, inputs: list[str]) -> str:
-    # Paths are not content: drop them from the hashed config section.
-    section = cfg.model_dump(mode="json", exclude={"train", "eval"}) | {"has_eval_file": cfg.eval is not None}
-    libraries = library_versions("datasets", "pyarrow")
-    return stage_key(STAGE, code=code_version(__file__), config=section, inputs=inputs, libraries=libraries)
+def _key(cfg: DataConfig, inputs: list[str], base: Artifact | None, max_length: int, trust_remote_code: bool) -> str:
+    # Paths are not content: drop them from the hashed config section. The token statistics, and
+    # the rows `overlong: drop` leaves out, follow the tokenizer (in the base's key), how it is
+    # loaded (modeling.py, trust_remote_code, the libraries) and max_length.
+    section = cfg.model_dump(mode="json", exclude={"train", "eval"}) | {
+        "has_eval_file": cfg.eval is not None, "max_length": max_length, "trust_remote_code": trust_remote_code,
+    }  # fmt: skip
+    inputs = [*inputs, base.key] if base is not None else inputs
+    libraries = library_versions("datasets", "pyarrow", "transformers", "tokenizers")
+    code = code_version(__file__, Path(__file__).parent / "modeling.py")
+    return stage_key(STAGE, code=code, config=section, inputs=inputs, libraries=libraries)
 
 
-def data_key(cfg: DataConfig) -> str | None:
+def data_key(cfg: DataConfig, base: Artifact | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+             trust_remote_code: bool = False) -> str | None:  # fmt: skip
     """The stage's key; None (not cached ahead of the stage) for an unpinned hub dataset."""
     inputs = [source_digest(s) for s in data_sources(cfg).values()]
-    return None if None in inputs else _key(cfg, inputs)  # type: ignore[arg-type]
+    return None if None in inputs else _key(cfg, inputs, base, max_length, trust_remote_code)  # type: ignore[arg-type]
 
 
 def _loaded_digest(dataset: Any, source: Source, store: Store) -> str:
@@ -429,44 +531,88 @@ def _loaded_digest(dataset: Any, source: Source, store: Store) -> str:
     return f"{source.label}@content:{digest(entries, length=64)}"
 
 
-def prepare_data(cfg: DataConfig, store: Store) -> Artifact:
+def prepare_data(cfg: DataConfig, store: Store, base: Artifact | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 trust_remote_code: bool = False) -> Artifact:  # fmt: skip
     """train.jsonl and eval.jsonl in the normal form; every row checked on the way, an error
-    naming the source row even after the shuffle that holds out `eval_fraction`."""
+    naming the source row even after the shuffle that holds out `eval_fraction`.
+
+    With the base model (its tokenizer and `data.chat_template`, as training uses them), each
+    split's token statistics against the adapter's `max_length` are recorded and `data.overlong`
+    applied to train; without it (callers that need only the rows), there are none."""
     sources = data_sources(cfg)
     cache_dir = store.root / "cache" / "datasets"
     loaded: dict[str, Any] = {}
-    key = data_key(cfg)
+    key = data_key(cfg, base, max_length, trust_remote_code)
     if key is None:  # an unpinned hub source: load it first, its content is the key
         inputs = []
         for name, source in sources.items():
             if not source.pinned:
                 loaded[name] = open_source(source, cfg, streaming=False, cache_dir=cache_dir)
             inputs.append(source_digest(source) or _loaded_digest(loaded[name], source, store))
-        key = _key(cfg, inputs)
+        key = _key(cfg, inputs, base, max_length, trust_remote_code)
 
     def load(name: str) -> Dataset:
         return loaded[name] if name in loaded else open_source(sources[name], cfg, streaming=False, cache_dir=cache_dir)
 
     def build(tmp: Path) -> dict:
-        train, work = load("train"), tmp / ".work"
-        label = sources["train"].label
-        if len(train) == 0:
-            raise ConfigError(f"{label}: no rows")
-        if "eval" in sources:
-            splits = {"train": (train, label, None), "eval": (load("eval"), sources["eval"].label, None)}
-        else:  # the same shuffle as ever: a permutation of row numbers, the rows stay in Arrow
-            order = list(range(len(train)))
-            random.Random(cfg.seed).shuffle(order)
-            n_eval = max(1, int(len(order) * cfg.eval_fraction))
-            splits = {"train": (train.select(order[n_eval:]), label, order[n_eval:]),
-                      "eval": (train.select(order[:n_eval]), label, order[:n_eval])}  # fmt: skip
-        meta = {f"{name}_rows": _write_split(ds, cfg, where, rows, tmp / f"{name}.jsonl", work)
-                for name, (ds, where, rows) in splits.items()}  # fmt: skip
-        meta["source_rows"] = {name: len(ds) for name, (ds, _, _) in splits.items()}
-        shutil.rmtree(work, ignore_errors=True)
+        tokenizer = _tokenizer(base, cfg, trust_remote_code) if base is not None else None
+        with quiet():
+            meta = _write_splits(_splits(cfg, sources, load), cfg, tmp, tokenizer, max_length)
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
         return meta
 
-    return store.materialize(STAGE, key, build)
+    return store.materialize(STAGE, key, build, lineage={"base": base.key} if base is not None else None)
+
+
+Splits = dict[str, tuple["Dataset", str, "list[int] | None"]]  # name: (rows, source label, source row numbers)
+
+
+def _splits(cfg: DataConfig, sources: dict[str, Source], load: Callable[[str], Dataset]) -> Splits:
+    """Train and eval as read: the eval source, or `eval_fraction` of train held out."""
+    train, label = load("train"), sources["train"].label
+    if len(train) == 0:
+        raise ConfigError(f"{label}: no rows")
+    if "eval" in sources:
+        return {"train": (train, label, None), "eval": (load("eval"), sources["eval"].label, None)}
+    # the same shuffle as ever: a permutation of row numbers, the rows stay in Arrow
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(len(order) * cfg.eval_fraction))
+    return {"train": (train.select(order[n_eval:]), label, order[n_eval:]),
+            "eval": (train.select(order[:n_eval]), label, order[:n_eval])}  # fmt: skip
+
+
+def _write_splits(
+    splits: Splits, cfg: DataConfig, tmp: Path, tokenizer: PreTrainedTokenizerBase | None, max_length: int
+) -> dict:
+    """Normalise, count tokens (with a tokenizer), apply `overlong`, write; the stage's meta."""
+    work = tmp / ".work"
+    normal = {name: _normalise(ds, cfg, label, rows, name, work) for name, (ds, label, rows) in splits.items()}
+    meta: dict[str, Any] = {"source_rows": {name: len(ds) for name, (ds, _, _) in splits.items()}}
+    if tokenizer is not None:
+        normal = {name: _count_tokens(rows, tokenizer, name, work) for name, rows in normal.items()}
+        normal["train"], meta["tokens"] = _apply_overlong(normal, cfg, max_length, splits["train"][1], work)
+    meta |= {f"{name}_rows": _write(rows, tmp / f"{name}.jsonl") for name, rows in normal.items()}
+    return meta
+
+
+def _apply_overlong(counted: dict[str, Dataset], cfg: DataConfig, max_length: int, label: str,
+                    work: Path) -> tuple[Dataset, dict]:  # fmt: skip
+    """The train rows to write under `data.overlong`, and the statistics the meta records: per
+    split as read (rows, tokens, the longest, how many exceed max_length), then what was dropped.
+    Eval rows are never dropped: the smoke test's prompts are not trained on."""
+    stats = {name: _token_stats(rows, max_length) for name, rows in counted.items()}
+    train, over = counted["train"], stats["train"]["over_max_length"]
+    if over and cfg.overlong == "drop":
+        train = _drop_overlong(train, max_length, work)
+        if len(train) == 0:
+            raise ConfigError(
+                f"data.overlong: drop leaves no train rows: all {over} are longer than max_length {max_length} tokens"
+            )
+    elif over and cfg.overlong == "warn":
+        _warn_overlong(stats, max_length, label)
+    dropped = over if cfg.overlong == "drop" else 0
+    return train, {"max_length": max_length, "overlong": cfg.overlong, "dropped": dropped, **stats}
 
 
 def load_split(data: Artifact, store: Store, split: str) -> list[dict]:

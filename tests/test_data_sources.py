@@ -17,7 +17,7 @@ import pytest
 
 from ftd.config import DataConfig
 from ftd.errors import ConfigError
-from ftd.store import Store
+from ftd.store import Artifact, Store
 from tasks import data as data_stage
 from tasks.data import check_data, data_key, load_split, prepare_data
 
@@ -423,3 +423,172 @@ def test_large_data_is_normalised_in_several_processes_with_the_same_rows_and_er
     _write_jsonl(train, source)
     with pytest.raises(ConfigError, match=rf"^{train}: row 21, column 'messages': the last message"):
         prepare_data(DataConfig(train=str(train)), Store(tmp_path / "artifacts"))
+
+
+# ---------------------------------------------------------------- token statistics (issue #26, item 4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The builtin models' tokenizer and chat template, saved as a base model's folder would hold them."""
+    from ftd.builtin_models import BUILTINS, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(BUILTINS["tiny-llama"]).save_pretrained(folder)
+    return folder
+
+
+def _base(folder: Path, key: str = "base-key") -> Artifact:
+    return Artifact(stage="base", key=key, meta={"model_dir": str(folder)})
+
+
+def _trl_length(folder: Path, row: dict) -> int:
+    """A normal row's length as TRL's SFTTrainer tokenises a conversational prompt/completion row."""
+    from trl.data_utils import _tokenize
+
+    from tasks.modeling import load_tokenizer
+
+    return len(_tokenize(load_tokenizer(folder), row["prompt"] + row["completion"])["input_ids"])
+
+
+def _long(i: int, words: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i}" + " more" * words},
+                         {"role": "assistant", "content": f"answer {i}"}]}  # fmt: skip
+
+
+LONG_ROWS = [_long(i, words) for i, words in enumerate([0, 6, 1, 10, 1, 0, 8])]
+MAX_LENGTH = 30  # between the short rows' lengths (21 to 25 tokens) and the long ones' (45 to 61)
+
+
+def _stage(tmp_path: Path, tokenizer_dir: Path, rows: list[dict], max_length: int = MAX_LENGTH, **data):
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    evals = _write_jsonl(tmp_path / "eval.jsonl", rows[:4])
+    cfg = DataConfig.model_validate({"train": str(train), "eval": str(evals), **data})
+    store = Store(tmp_path / "artifacts")
+    artifact = prepare_data(cfg, store, _base(tokenizer_dir), max_length)
+    return load_split(artifact, store, "train"), load_split(artifact, store, "eval"), artifact.meta
+
+
+def test_token_statistics_count_what_trl_trains_on(tmp_path: Path, tokenizer_dir: Path) -> None:
+    train, eval_rows, meta = _stage(tmp_path, tokenizer_dir, LONG_ROWS)
+    lengths = [_trl_length(tokenizer_dir, row) for row in train]
+    eval_lengths = [_trl_length(tokenizer_dir, row) for row in eval_rows]
+    assert sum(n > MAX_LENGTH for n in lengths) == 3 and max(n for n in lengths if n <= MAX_LENGTH) < 26
+    assert meta["tokens"] == {
+        "max_length": MAX_LENGTH, "overlong": "warn", "dropped": 0,
+        "train": {"rows": 7, "tokens": sum(lengths), "max_tokens": max(lengths), "over_max_length": 3},
+        "eval": {"rows": 4, "tokens": sum(eval_lengths), "max_tokens": max(eval_lengths), "over_max_length": 2},
+    }  # fmt: skip
+
+
+def test_drop_removes_exactly_the_overlong_train_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
+    train, eval_rows, meta = _stage(tmp_path, tokenizer_dir, LONG_ROWS, overlong="drop")
+    normal = [_normal(r["messages"][:1], r["messages"][1]["content"]) for r in LONG_ROWS]
+    assert train == [normal[i] for i in (0, 2, 4, 5)]
+    assert eval_rows == normal[:4]  # eval rows are never dropped, the overlong ones counted
+    assert (meta["train_rows"], meta["tokens"]["dropped"], meta["tokens"]["eval"]["over_max_length"]) == (4, 3, 2)
+
+
+def test_drop_that_leaves_nothing_is_one_line(tmp_path: Path, tokenizer_dir: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^data\.overlong: drop leaves no train rows: all 7 are longer than max_length 20"
+    ):
+        _stage(tmp_path, tokenizer_dir, LONG_ROWS, max_length=20, overlong="drop")
+
+
+@pytest.mark.parametrize(("policy", "warned"), [("warn", True), ("truncate", False)])
+def test_warn_and_truncate_keep_the_overlong_rows(tmp_path: Path, tokenizer_dir: Path, caplog, policy, warned) -> None:
+    with caplog.at_level("WARNING", logger="ftd.data"):
+        train, _, meta = _stage(tmp_path, tokenizer_dir, LONG_ROWS, overlong=policy)
+    assert train == [_normal(r["messages"][:1], r["messages"][1]["content"]) for r in LONG_ROWS]
+    assert (meta["tokens"]["train"]["over_max_length"], meta["tokens"]["dropped"]) == (3, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ftd.data"]
+    assert bool(warnings) is warned
+    if warned:
+        assert "3 of 7 train rows are longer than max_length 30 tokens" in warnings[0]
+        assert "2 of 4 eval rows too" in warnings[0]
+
+
+def test_the_key_follows_the_tokenizer_max_length_and_policy(tmp_path: Path, tokenizer_dir: Path) -> None:
+    cfg = DataConfig(train=str(_write_jsonl(tmp_path / "t.jsonl", LONG_ROWS)))
+    key = data_key(cfg, _base(tokenizer_dir), 64)
+    assert data_key(cfg, _base(tokenizer_dir), 64) == key
+    assert data_key(cfg, _base(tokenizer_dir), 128) != key
+    assert data_key(cfg, _base(tokenizer_dir, key="another-base"), 64) != key
+    assert data_key(cfg.model_copy(update={"overlong": "drop"}), _base(tokenizer_dir), 64) != key
+    assert data_key(cfg, None, 64) != key
+
+
+def test_the_shipped_data_is_written_as_before(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """The default experiment's rows are short: whatever the policy, train.jsonl and eval.jsonl are
+    byte for byte what the stage wrote before it counted tokens (the source rows in the normal form,
+    compact JSON: sha256 a859da41… for train), so the default SFT trains on the same rows."""
+    from ftd.config import load_config
+    from tests.conftest import DEFAULT_CONFIG
+
+    adapter = load_config(DEFAULT_CONFIG).adapters[0]
+    root = DEFAULT_CONFIG.parent.parent
+    for policy in ("warn", "drop"):
+        cfg = adapter.data.model_copy(update={"overlong": policy, "train": str(root / adapter.data.train),
+                                              "eval": str(root / adapter.data.eval)})  # fmt: skip
+        store = Store(tmp_path / policy)
+        artifact = prepare_data(cfg, store, _base(tokenizer_dir), adapter.sft.max_length)
+        assert artifact.meta["tokens"]["train"]["over_max_length"] == 0
+        for split in ("train", "eval"):
+            source = [json.loads(line)["messages"] for line in (root / f"data/numbers/{split}.jsonl").open()]
+            expected = "".join(
+                json.dumps({"prompt": m[:-1], "completion": m[-1:], "answer": m[-1]["content"]}, separators=(",", ":"))
+                + "\n"
+                for m in source
+            )
+            assert (artifact.path(store) / f"{split}.jsonl").read_text() == expected
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from tasks.modeling import load_tokenizer
+
+    bare = tmp_path / "bare"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(bare)
+    with pytest.raises(ConfigError, match=r"^data\.chat_template: the base model's tokenizer has no chat template"):
+        _stage(tmp_path, bare, LONG_ROWS)
+    _, _, meta = _stage(tmp_path / "set", bare, LONG_ROWS, chat_template=load_tokenizer(tokenizer_dir).chat_template)
+    assert meta["tokens"]["train"]["over_max_length"] == 3
+
+
+def test_the_report_shows_one_data_line_and_logs_the_figures(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from flows.report import data_line, data_metrics
+    from tasks.backends.base import AdapterChain
+
+    _, _, meta = _stage(tmp_path, tokenizer_dir, LONG_ROWS, overlong="drop")
+    tokens = meta["tokens"]["train"]["tokens"]
+    assert data_line(meta) == (
+        f"data: 7 train rows, {tokens:,} tokens (max {meta['tokens']['train']['max_tokens']}), 3 over max_length 30: "
+        "dropped (data.overlong: drop), 4 train rows left; eval: 2 of 4 rows over max_length 30 (kept)"
+    )
+    chain = AdapterChain("numbers", Artifact(stage="data", key="k", meta=meta), *[None] * 3)
+    assert data_metrics([chain]) == {"numbers.data.train_tokens": tokens, "numbers.data.over_max_length": 3}
+    assert data_line({"train_rows": 3}) is None  # made without a tokenizer: no statistics, no line
+
+
+def test_tokens_are_counted_and_dropped_the_same_in_several_processes(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch
+) -> None:
+    rows = LONG_ROWS * 5
+    serial = _stage(tmp_path / "serial", tokenizer_dir, rows, overlong="drop")
+    monkeypatch.setattr(data_stage, "LARGE", 1)
+    monkeypatch.setattr(data_stage.os, "cpu_count", lambda: 2)
+    parallel = _stage(tmp_path / "parallel", tokenizer_dir, rows, overlong="drop")
+    assert parallel[:2] == serial[:2] and parallel[2]["tokens"] == serial[2]["tokens"]
+    assert serial[2]["tokens"]["dropped"] == 15
+
+
+def test_a_row_the_chat_template_refuses_is_named(tmp_path: Path, tokenizer_dir: Path) -> None:
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                "{% endif %}{{ m['content'] }}{% endfor %}")  # fmt: skip
+    rows = [{"messages": _messages(0)}, {"messages": [{"role": "system", "content": "s"}, *_messages(1)]}]
+    with pytest.raises(
+        ConfigError, match=r"^data\.chat_template: cannot apply it to train row 2: TemplateError: no system turns$"
+    ):
+        _stage(tmp_path, tokenizer_dir, rows, chat_template=template)

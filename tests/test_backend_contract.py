@@ -167,7 +167,9 @@ def test_a_backend_from_outside_goes_through_the_real_flow(shared_artifacts: Pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     assert summary["metrics"]["numbers.echo.agreement.merged_vs_engine"] == 1.0
-    assert summary["metrics"]["numbers.echo.max_logit_diff.merged_vs_engine"] == 0.0
+    # the same model and arithmetic: only rounding differs (the references decode prompts in padded
+    # batches, the echo engine one by one)
+    assert summary["metrics"]["numbers.echo.max_logit_diff.merged_vs_engine"] < 1e-4
     engines = [r for r in summary["registered"] if r["kind"] == "engine"]
     assert [(r["item"], r["name"]) for r in engines] == [("numbers/echo", "tiny-llama-echo")]
     import mlflow

@@ -65,6 +65,9 @@ def test_refusals_name_the_field(fields: dict, arch: str, adapters: list, messag
 
 def test_dora_and_modules_to_save_of_an_imported_adapter_are_refused_before_training(tmp_path: Path) -> None:
     """Pre-flight reads them from the imported adapter's own config."""
+    import torch
+    from safetensors.torch import save_file
+
     from flows.preflight import preflight
     from ftd.config import validate_config
 
@@ -74,6 +77,9 @@ def test_dora_and_modules_to_save_of_an_imported_adapter_are_refused_before_trai
         (folder / "adapter_config.json").write_text(
             json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], field: value})
         )
+        prefix = "base_model.model.model.layers.0.self_attn.q_proj"  # tensors of the right shapes: a real adapter
+        save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 64), f"{prefix}.lora_B.weight": torch.zeros(64, 4)},
+                  folder / "adapter_model.safetensors")  # fmt: skip
         cfg = validate_config({
             "experiment": "x", "base_model": "builtin:tiny-llama", "artifacts_dir": str(tmp_path / "artifacts"),
             "adapters": [{"name": "imp", "import_from": str(folder),

@@ -26,7 +26,10 @@ class ModelShape:
     max_positions: int | None
 
     @classmethod
-    def of(cls, config: dict) -> ModelShape:
+    def of(cls, config: dict) -> ModelShape | None:
+        """None for a config without the sizes every decoder has (nothing to check against)."""
+        if not config.get("hidden_size") or not config.get("num_attention_heads"):
+            return None
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // heads)
         return cls(

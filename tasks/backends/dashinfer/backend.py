@@ -58,6 +58,8 @@ class DashInfer(Backend):
         if target.mode != "merged":
             return
         shape, engine = ModelShape.of(model_config), "DashInfer 1.3.0"
+        if shape is None:
+            return
         architecture = (model_config.get("architectures") or [""])[0]
         check_grouped_heads(target, engine, shape)
         if shape.rope_scaling:

@@ -58,6 +58,8 @@ class LlamaCpp(Backend):
         'n_dims % 2 == 0'), a RoPE scaling the converter knows ('Unknown RoPE type' is only
         logged, and the model is then served unscaled), a q8_0 KV cache's 32-wide blocks."""
         shape = ModelShape.of(model_config)
+        if shape is None:
+            return
         check_grouped_heads(target, "llama.cpp (ggml)", shape)
         if shape.rotary_dim % 2:
             raise refuse(target, "llama.cpp (ggml)", "rotates an even number of dimensions per head",

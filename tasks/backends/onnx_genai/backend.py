@@ -85,6 +85,8 @@ class OnnxGenAI(Backend):
         if exporter_of(target) != "builder" or target.device != "cpu":
             return
         shape = ModelShape.of(model_config)
+        if shape is None:
+            return
         engine = "ONNX Runtime's GroupQueryAttention CPU kernel"
         check_grouped_heads(target, engine, shape)
         if shape.head_dim % 16:

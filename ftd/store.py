@@ -81,14 +81,28 @@ def tree_digest(root: Path, exclude: Iterable[str] = (), memo: dict[str, str] | 
     for p in sorted(root.rglob("*")):
         if not p.is_file() or any(part in excluded for part in p.relative_to(root).parts):
             continue
-        if memo is None:
-            content = file_digest(p)
-        else:
-            st = p.stat()
-            stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-            content = memo[stamp] if stamp in memo else memo.setdefault(stamp, file_digest(p))
+        content = file_digest(p) if memo is None else memoised_file_digest(p, memo)
         entries.append((p.relative_to(root).as_posix(), content))
     return digest(entries, length=64)
+
+
+def memoised_file_digest(path: Path, memo: dict[str, str]) -> str:
+    """A file's sha256, reused from `memo` while its (path, size, mtime, inode) is unchanged."""
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return memo[stamp] if stamp in memo else memo.setdefault(stamp, file_digest(path))
+
+
+@contextmanager
+def hash_memo(root: Path):
+    """The store's memo of file hashes (`memoised_file_digest`): loaded, then written back atomically."""
+    path = Path(root) / "hash-memo.json"
+    memo = json.loads(path.read_text()) if path.is_file() else {}
+    yield memo
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, path)
 
 
 def code_version(*files: str | Path) -> str:

@@ -8,7 +8,6 @@ root of every downstream key.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,17 @@ from pathlib import Path
 from ftd import builtin_models
 from ftd.errors import ConfigError, FtdError
 from ftd.integrity import check_weight_dir
-from ftd.store import MANIFEST, Artifact, Store, code_version, file_digest, library_versions, stage_key, tree_digest
+from ftd.store import (
+    MANIFEST,
+    Artifact,
+    Store,
+    code_version,
+    file_digest,
+    hash_memo,
+    library_versions,
+    stage_key,
+    tree_digest,
+)
 
 STAGE = "base"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -107,14 +116,8 @@ def weights_digest(model_dir: Path, store: Store) -> str:
 
     Hashing 15 GB of weights on every run would cost minutes, so file hashes are memoised in the
     store (see `tree_digest`)."""
-    memo_path = store.root / "hash-memo.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    content = tree_digest(model_dir, exclude={".cache", ".git"}, memo=memo)
-    store.root.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
-    return content
+    with hash_memo(store.root) as memo:
+        return tree_digest(model_dir, exclude={".cache", ".git"}, memo=memo)
 
 
 def _describe(model_dir: Path) -> dict:

@@ -37,7 +37,18 @@ from typing import TYPE_CHECKING, Any
 
 from ftd.config import DataConfig, SftSettings
 from ftd.errors import ConfigError
-from ftd.store import Artifact, Store, code_version, digest, file_digest, library_versions, stage_key, tree_digest
+from ftd.store import (
+    Artifact,
+    Store,
+    code_version,
+    digest,
+    file_digest,
+    hash_memo,
+    library_versions,
+    memoised_file_digest,
+    stage_key,
+    tree_digest,
+)
 from tasks.base_model import HUB_ID, model_dir
 from tasks.modeling import load_tokenizer
 
@@ -514,20 +525,10 @@ def data_key(cfg: DataConfig, base: Artifact | None = None, max_length: int = DE
 def _loaded_digest(dataset: Any, source: Source, store: Store) -> str:
     """An unpinned hub dataset's content: the Arrow files datasets prepared, memoised by their stat
     (like a local base model's weights), so an unchanged copy costs no rehash."""
-    memo_path = store.root / "data-hash-memo.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    entries = []
-    for entry in dataset.cache_files:
-        path = Path(entry["filename"])
-        st = path.stat()
-        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        entries.append(memo[stamp] if stamp in memo else memo.setdefault(stamp, file_digest(path)))
+    with hash_memo(store.root) as memo:
+        entries = [memoised_file_digest(Path(entry["filename"]), memo) for entry in dataset.cache_files]
     if not entries:  # held in memory, no files to hash: key by its fingerprint (never a stale hit)
         entries.append(dataset._fingerprint)
-    store.root.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
     return f"{source.label}@content:{digest(entries, length=64)}"
 
 

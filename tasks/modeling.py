@@ -57,9 +57,10 @@ def load_fp32_compute_model(path: Path, trust_remote_code: bool = False):
     fp32 for good. A float32 checkpoint is loaded as it is."""
     import torch
 
-    if stored_dtype(path) == "float32":
+    stored = stored_dtype(path)
+    if stored == "float32":
         return load_model(path, trust_remote_code)
-    model = load_model(path, trust_remote_code, getattr(torch, stored_dtype(path)))
+    model = load_model(path, trust_remote_code, getattr(torch, stored))
     upcast_compute(model)
     return model
 

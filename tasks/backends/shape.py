@@ -20,10 +20,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     rotary_dim: int
-    intermediate: int | None
     rope_theta: float | None
     rope_scaling: dict | None
-    max_positions: int | None
 
     @classmethod
     def of(cls, config: dict) -> ModelShape | None:
@@ -38,10 +36,8 @@ class ModelShape:
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             rotary_dim=int(head_dim * float(config.get("partial_rotary_factor") or 1.0)),
-            intermediate=config.get("intermediate_size"),
             rope_theta=config.get("rope_theta"),
             rope_scaling=config.get("rope_scaling") or None,
-            max_positions=config.get("max_position_embeddings"),
         )
 
     @property

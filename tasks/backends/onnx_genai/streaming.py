@@ -26,6 +26,7 @@ builder's, byte for byte, for fp32 and int4 and for tied and untied embeddings.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from pathlib import Path
 
@@ -197,6 +198,11 @@ def _safetensors_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def release_pages(tensor) -> None:
     """Drop the resident pages of a tensor that is a view into a safetensors file's memory map
     (whole pages inside the tensor only). Private file pages that were never written are re-read
@@ -215,7 +221,7 @@ def release_pages(tensor) -> None:
     page = mmap.PAGESIZE
     first, last = (start + page - 1) // page * page, end // page * page
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_DONTNEED))
 
 
